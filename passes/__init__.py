@@ -1,0 +1,1 @@
+"""Compiler passes of pathfx: pure functions over torch.fx GraphModules."""

@@ -1,0 +1,120 @@
+"""Eval-mode BatchNorm folding.
+
+A BatchNorm right after a Conv/Linear folds into that layer's rows and bias. When the
+layer's output also feeds other nodes, or the layer module is called more than once,
+the fold goes into a copy of the layer, so the other uses keep the unnormalised output.
+Every other eval-mode BatchNorm becomes a ``ChannelAffine`` (y = w·x + b per channel): a
+diagonal layer for the group analysis.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class ChannelAffine(nn.Module):
+    """y[:, c] = weight[c] * x[:, c] + bias[c] — an eval-mode BatchNorm made explicit."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+@dataclass
+class FoldReport:
+    folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, batchnorm)
+    copied: list[str] = field(default_factory=list)  # layers folded into a copy
+    affine: list[str] = field(default_factory=list)  # batchnorms made explicit affines
+
+
+def _bn_scale_shift(bn: nn.Module):
+    var = bn.running_var.double()
+    a = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.double()
+    shift = -bn.running_mean.double() * a
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return a, shift
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    a, shift = _bn_scale_shift(bn)
+    w = layer.weight
+    layer.weight.copy_((w.double() * a.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype))
+    b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
+    new_b = (b * a + shift).to(w.dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_b)
+    else:
+        layer.bias.copy_(new_b)
+
+
+def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
+    if type(bn) not in BATCHNORMS or bn.running_mean is None:
+        return False
+    return layer is not None and type(layer) in LAYERS and \
+        (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == bn.num_features
+
+
+def fold_bn(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, FoldReport]:
+    """Fold eval-mode BatchNorms of ``gm`` (a copy unless ``inplace``)."""
+    if not inplace:
+        gm = copy.deepcopy(gm)
+    report = FoldReport()
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        bn = modules[node.target]
+        if type(bn) not in BATCHNORMS or bn.running_mean is None or calls[node.target] != 1:
+            continue
+        src = node.args[0]
+        layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if _foldable(bn, layer) and not src.kwargs and len(src.args) == 1:
+            if len(src.users) == 1 and calls[src.target] == 1:
+                _fold_into(layer, bn)
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                report.folded.append((src.target, node.target))
+            else:
+                name = f"{src.target}__{node.target}".replace(".", "_")
+                fused = copy.deepcopy(layer)
+                _fold_into(fused, bn)
+                gm.add_submodule(name, fused)
+                with gm.graph.inserting_after(node):
+                    new = gm.graph.call_module(name, src.args)
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                report.folded.append((name, node.target))
+                report.copied.append(src.target)
+            continue
+        a, shift = _bn_scale_shift(bn)
+        dtype = bn.running_mean.dtype
+        _set_module(gm, node.target, ChannelAffine(a.to(dtype), shift.to(dtype)))
+        report.affine.append(node.target)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, report

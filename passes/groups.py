@@ -1,0 +1,273 @@
+"""Rescaling-group discovery: abstract interpretation of slot ids over an FX graph (DESIGN §1).
+
+``analyze`` walks a shape-annotated GraphModule once, dispatching every node to the
+rule table of ``passes.rules`` (anything else is a barrier), then resolves the recorded
+unions with connected components into a ``RescalingGroups``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from . import rules
+from .groupset import NO_VAR, Barrier, Consumer, Frozen, Group, Producer, RescalingGroups
+from .slots import FIXED, NON_TENSOR, Unions, fixed, is_free
+
+# Non-tensor results computed from tensors that depend only on shapes, not values.
+SHAPE_QUERIES = {"method:size", "method:dim", "method:numel", getattr, len}
+
+
+@dataclass
+class _Layer:
+    node: str
+    weight: str
+    bias: str | None
+    kind: str
+    groups: int
+    in_ids: np.ndarray
+    out_ids: np.ndarray | None = None
+
+
+class _Context:
+    """What a rule sees: slot values of nodes, shapes, modules, and the recorders."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.values: dict[fx.Node, object] = {}
+        self.unions = Unions()
+        self.producers: dict[str, _Layer] = {}
+        self.consumers: list[_Layer] = []
+        self.barriers: list[Barrier] = []
+        self.events: list[tuple[str, str | None, np.ndarray]] = []
+        self._dag = None
+        self._escaped = self._find_escaped()
+
+    # -- reading the graph
+    def value(self, a):
+        return self.values.get(a, NON_TENSOR) if isinstance(a, fx.Node) else NON_TENSOR
+
+    def meta(self, node):
+        return node.meta.get("tensor_meta")
+
+    def is_tensor(self, node) -> bool:
+        return hasattr(self.meta(node), "shape")
+
+    def shape(self, node) -> tuple:
+        return tuple(self.meta(node).shape)
+
+    def shapes(self, node) -> list[tuple]:
+        return [tuple(t.shape) for t in self.meta(node)]
+
+    def module(self, node):
+        return self.modules[node.target] if node.op == "call_module" else None
+
+    def concrete(self, a):
+        return fx.node.map_arg(a, lambda n: n.meta.get("value", n))
+
+    def key(self, node):
+        if node.op == "call_module":
+            return _module_key(self.modules[node.target])
+        if node.op == "call_method":
+            return f"method:{node.target}"
+        t = node.target
+        if t in rules.RULES or t in rules.BARRIER_REASONS:
+            return t
+        return f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
+
+    def op_name(self, node) -> str:
+        k = self.key(node)
+        return k.__name__ if hasattr(k, "__name__") else str(k).replace("method:", ".")
+
+    def is_ancestor(self, a, b) -> bool:
+        if self._dag is None:
+            self._dag = nx.DiGraph((i, n) for n in self.gm.graph.nodes for i in n.all_input_nodes)
+        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in self._dag and b in self._dag \
+            and nx.has_path(self._dag, a, b)
+
+    def fixed_output(self, node):
+        def fix(meta):
+            if hasattr(meta, "shape"):
+                return fixed(len(meta.shape))
+            if isinstance(meta, (tuple, list)):
+                return tuple(fix(t) for t in meta)
+            return NON_TENSOR
+        return fix(self.meta(node))
+
+    # -- recording
+    def fix(self, ids, reason: str) -> None:
+        if isinstance(ids, (tuple, list)):
+            for v in ids:
+                self.fix(v, reason)
+        elif isinstance(ids, np.ndarray):
+            self.unions.fix(ids, reason)
+
+    def barrier(self, node, reason: str) -> None:
+        self.barriers.append(Barrier(op=self.op_name(node), node=node.name, reason=reason))
+
+    def event(self, node, tag, ids) -> None:
+        if is_free(ids):
+            self.events.append((node.name, tag, ids))
+
+    def escaped(self, weight, bias):
+        return next((p for p in (weight, bias) if p in self._escaped), None)
+
+    def layer(self, node, weight, bias, kind, groups, in_ids, c_out) -> np.ndarray:
+        rec = _Layer(node.name, weight, bias, kind, groups, np.asarray(in_ids))
+        first = self.producers.get(weight)
+        if first is not None:  # shared weights: one set of rows, one set of columns
+            self.unions.union(first.in_ids, rec.in_ids)
+            return first.out_ids
+        rec.out_ids = self.unions.fresh(c_out)
+        self.producers[weight] = rec
+        self.consumers.append(rec)
+        return rec.out_ids
+
+    def _find_escaped(self) -> set:
+        """Parameters read as plain tensors somewhere, so their rows/columns cannot move."""
+        layer_args = set()
+        for n in self.gm.graph.nodes:
+            if n.op == "call_function" and n.target in (rules.F_CONVS + (rules.F.linear,)):
+                layer_args.update(a for a in n.args[1:3] if isinstance(a, fx.Node))
+                layer_args.update(n.kwargs.get(k) for k in ("weight", "bias") if isinstance(n.kwargs.get(k), fx.Node))
+        out = set()
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and n not in layer_args:
+                out.add(n.target)
+                out.update(f"{n.target}.{p}" for p, _ in _named_params(self.gm, n.target))
+        return out
+
+
+def _named_params(gm, target):
+    try:
+        return gm.get_submodule(target).named_parameters()
+    except AttributeError:
+        return []
+
+
+def _module_key(mod):
+    """Exact class, or a base class when the subclass does not override forward."""
+    for cls in type(mod).__mro__:
+        if cls in rules.RULES or cls in rules.BARRIER_REASONS:
+            return cls
+        if "forward" in cls.__dict__:
+            return type(mod)
+    return type(mod)
+
+
+def _step(ctx: _Context, node: fx.Node):
+    if node.op in ("placeholder", "get_attr"):
+        return ctx.fixed_output(node)
+    if node.op == "output":
+        ctx.fix(tree_map(lambda a: ctx.value(a) if isinstance(a, fx.Node) else None, node.args[0]), "graph output")
+        return None
+    tensor_in = bool(rules._tensor_args(ctx, node))
+    k = ctx.key(node)
+    if ctx.meta(node) is None:  # a Python value out
+        if tensor_in and k not in SHAPE_QUERIES:
+            rules.barrier(ctx, node, "tensor turned into a Python value")
+        return NON_TENSOR
+    if not tensor_in and node.op != "call_module":
+        return ctx.fixed_output(node)  # a constant built in forward (torch.zeros, arange...)
+    if k in rules.BARRIER_REASONS:
+        return rules.barrier(ctx, node, rules.BARRIER_REASONS[k])
+    fn = rules.RULES.get(k)
+    if fn is None:
+        what = "opaque leaf module" if node.op == "call_module" else "op"
+        return rules.barrier(ctx, node, f"unknown {what}: no rule in the table")
+    return fn(ctx, node)
+
+
+def analyze(gm: fx.GraphModule, name: str = "") -> RescalingGroups:
+    """Discover the rescaling groups of a shape-annotated (``passes.shapes``) GraphModule."""
+    ctx = _Context(gm)
+    for node in gm.graph.nodes:
+        ctx.values[node] = _step(ctx, node)
+    return _resolve(ctx, gm, name)
+
+
+# -- resolution ---------------------------------------------------------------------------
+
+def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
+    u = ctx.unions
+    comp = u.components()
+    pre = u.components(with_fixes=False)  # variables as they were before being frozen
+    fixed_label = comp[FIXED]
+    layers = list(ctx.producers.values())
+
+    # producer vectors sharing a (free) class form one group
+    owner: dict[int, int] = {}
+    link = nx.Graph()
+    link.add_nodes_from(range(len(layers)))
+    for i, lay in enumerate(layers):
+        for c in np.unique(comp[lay.out_ids]):
+            if c == fixed_label:
+                continue
+            if c in owner:
+                link.add_edge(owner[c], i)
+            else:
+                owner[c] = i
+    reason_of = {}
+    for ids, reason in u.fixes:
+        for p in np.unique(pre[ids]):
+            reason_of.setdefault(int(p), reason)
+
+    groups, frozen = [], []
+    var_of: dict[int, tuple[int, int]] = {}  # class -> (group id, var index)
+    for members in sorted(nx.connected_components(link), key=min):
+        members = sorted(members)
+        order: dict[int, int] = {}
+        for i in members:
+            for c in comp[layers[i].out_ids]:
+                if c != fixed_label and c not in order:
+                    order[int(c)] = len(order)
+        frozen_here = defaultdict(set)
+        for i in members:
+            ids = layers[i].out_ids
+            for p in np.unique(pre[ids[comp[ids] == fixed_label]]):
+                frozen_here[reason_of.get(int(p), "fixed")].add((int(p), layers[i].weight))
+        n_frozen = len({p for s in frozen_here.values() for p, _ in s})
+        for reason, items in frozen_here.items():
+            frozen.append(Frozen(layers=sorted({w for _, w in items}), count=len({p for p, _ in items}), reason=reason))
+        if not order:
+            continue
+        gid = len(groups)
+        for c, j in order.items():
+            var_of[c] = (gid, j)
+        prods = [Producer(node=layers[i].node, weight=layers[i].weight, bias=layers[i].bias, kind=layers[i].kind,
+                          out_vars=[order.get(int(c), NO_VAR) for c in comp[layers[i].out_ids]]) for i in members]
+        tags = set()
+        for i in members:
+            tags.add(layers[i].kind if layers[i].kind != "affine" else "affine")
+        groups.append(Group(id=gid, width=len(order), producers=prods, consumers=[], tags=sorted(tags),
+                            frozen=n_frozen))
+
+    seen = set()
+    for lay in ctx.consumers:
+        if lay.weight in seen:
+            continue
+        seen.add(lay.weight)
+        labels = comp[lay.in_ids]
+        touched = {var_of[int(c)][0] for c in np.unique(labels) if int(c) in var_of}
+        for gid in sorted(touched):
+            in_vars = [var_of[int(c)][1] if var_of.get(int(c), (None,))[0] == gid else NO_VAR for c in labels]
+            groups[gid].consumers.append(Consumer(node=lay.node, weight=lay.weight, kind=lay.kind,
+                                                  conv_groups=lay.groups, in_vars=in_vars))
+
+    for node_name, tag, ids in ctx.events:
+        for c in np.unique(comp[np.unique(ids)]):
+            if int(c) in var_of:
+                g = groups[var_of[int(c)][0]]
+                if not g.passthrough or g.passthrough[-1] != node_name:
+                    g.passthrough.append(node_name)
+                if tag and tag not in g.tags:
+                    g.tags.append(tag)
+    for g in groups:
+        g.tags.sort()
+    return RescalingGroups(groups=groups, frozen=frozen, barriers=ctx.barriers, model_name=name, module=gm)

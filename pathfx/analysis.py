@@ -1,0 +1,40 @@
+"""The analysis front door: trace, propagate shapes, fold BN, discover groups."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from passes.fold_bn import fold_bn
+from passes.groups import analyze
+from passes.groupset import RescalingGroups
+from passes.shapes import propagate
+from passes.trace import trace
+
+
+def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = False) -> fx.GraphModule:
+    """Trace a copy of ``model`` (eval mode unless ``train``), annotate shapes, fold eval BatchNorms."""
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        gm = copy.deepcopy(model)
+    else:
+        root = copy.deepcopy(model)
+        root.train(train)
+        gm = trace(root, leaf_modules=leaf_modules, copy_model=False)
+    gm.train(train)
+    propagate(gm, example_inputs)
+    if not train:
+        gm, _ = fold_bn(gm, inplace=True)
+    return gm
+
+
+def find_groups(model: nn.Module, example_inputs, leaf_modules=(), train: bool = False,
+                name: str = "") -> RescalingGroups:
+    """Rescaling groups of ``model``; the caller's model is never modified.
+
+    ``train=True`` analyses the model as it trains: BatchNorms are not folded and are barriers.
+    The result's ``.module`` is the analysed GraphModule its parameter names refer to.
+    """
+    gm = prepare(model, example_inputs, leaf_modules=leaf_modules, train=train)
+    return analyze(gm, name=name or type(model).__name__)

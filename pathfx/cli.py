@@ -1,0 +1,44 @@
+"""`pathfx ...`: one subcommand per module in pathfx/commands (each defines NAME, HELP, add_arguments, run)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from passes.errors import PathfxError
+
+from . import commands
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pathfx", description="Rescaling groups, ENorm and path reparameterization "
+                                                           "over torch.fx graphs")
+    sub = p.add_subparsers(dest="command", required=True)
+    for mod in _command_modules():
+        sp = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(sp)
+        sp.set_defaults(run=mod.run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code = args.run(args)
+    except PathfxError as e:
+        print(f"pathfx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Model names: torchvision's classification models, the zoo's own builders, ``package.module:factory``."""
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from passes.errors import ModelNotFound
+
+from . import typec
+from ._torchvision import torchvision
+
+
+@dataclass
+class Entry:
+    name: str
+    build: Callable[..., nn.Module]
+    input_shape: tuple
+    source: str  # "torchvision" | "zoo"
+
+
+ZOO: dict[str, Entry] = {}
+
+
+def register(name: str, input_shape: tuple):
+    def wrap(fn):
+        ZOO[name] = Entry(name, fn, input_shape, "zoo")
+        return fn
+    return wrap
+
+
+register("resnet18_typec", (1, 3, 32, 32))(typec.resnet18_typec)
+
+# Models whose default input is not 224×224.
+_TV_SHAPES = {"inception_v3": (1, 3, 299, 299)}
+
+
+def torchvision_names() -> list[str]:
+    tv = torchvision()
+    return sorted(tv.models.list_models(module=tv.models))
+
+
+def all_names() -> list[str]:
+    return torchvision_names() + sorted(ZOO)
+
+
+def lookup(name: str) -> Entry:
+    """The registry entry of a model name; unknown names raise with the closest matches."""
+    if name.startswith("zoo:"):
+        name = name[4:]
+    if name in ZOO:
+        return ZOO[name]
+    if ":" in name:
+        return _factory(name)
+    names = torchvision_names()
+    if name in names:
+        tv = torchvision()
+        build = lambda **kw: tv.models.get_model(name, weights=None, **kw)  # noqa: E731
+        return Entry(name, build, _TV_SHAPES.get(name, (1, 3, 224, 224)), "torchvision")
+    close = difflib.get_close_matches(name, names + sorted(ZOO), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise ModelNotFound(f"unknown model '{name}'{hint} (see `pathfx zoo --list`)")
+
+
+def _factory(spec: str) -> Entry:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:
+        raise ModelNotFound(f"cannot import '{mod_name}' for model '{spec}': {type(e).__name__}: {e}") from None
+    fn = getattr(mod, attr, None)
+    if fn is None or not callable(fn):
+        raise ModelNotFound(f"'{mod_name}' has no callable '{attr}' (model '{spec}')")
+    return Entry(spec, fn, getattr(fn, "input_shape", None), "factory")
+
+
+def build(name: str, **kw) -> nn.Module:
+    entry = lookup(name)
+    try:
+        model = entry.build(**kw)
+    except Exception as e:
+        raise ModelNotFound(f"building '{name}' failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelNotFound(f"'{name}' returned {type(model).__name__}, not an nn.Module")
+    return model
