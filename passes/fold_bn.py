@@ -52,16 +52,16 @@ def _bn_scale_shift(bn: nn.Module):
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    a, shift = _bn_scale_shift(bn)
+def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` with ``bn`` folded in; the original (maybe the caller's) is not touched."""
+    a, shift = _bn_scale_shift(bn)  # the per-channel vectors in float64, the weight in its own dtype
     w = layer.weight
-    layer.weight.copy_((w.double() * a.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype))
+    out = copy.copy(layer)
+    out._parameters = dict(layer._parameters)
+    out.weight = nn.Parameter(w * a.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1)), w.requires_grad)
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
-    new_b = (b * a + shift).to(w.dtype)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_b)
-    else:
-        layer.bias.copy_(new_b)
+    out.bias = nn.Parameter((b * a + shift).to(w.dtype), w.requires_grad)
+    return out
 
 
 def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
@@ -77,7 +77,11 @@ def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
 
 
 def fold_bn(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, FoldReport]:
-    """Fold eval-mode BatchNorms of ``gm`` (a copy unless ``inplace``)."""
+    """Fold eval-mode BatchNorms of ``gm`` (a copy unless ``inplace``).
+
+    Even in place, no module object is mutated: folded layers and affines are new modules
+    set into ``gm``'s own hierarchy, so leaves shared with a caller's model stay as they were.
+    """
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FoldReport()
@@ -92,15 +96,14 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, 
         src = node.args[0]
         layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if _foldable(bn, layer) and not src.kwargs and len(src.args) == 1:
+            fused = _folded(layer, bn)
             if len(src.users) == 1 and calls[src.target] == 1:
-                _fold_into(layer, bn)
+                _set_module(gm, src.target, fused)
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
                 report.folded.append((src.target, node.target))
             else:
                 name = f"{src.target}__{node.target}".replace(".", "_")
-                fused = copy.deepcopy(layer)
-                _fold_into(fused, bn)
                 gm.add_submodule(name, fused)
                 with gm.graph.inserting_after(node):
                     new = gm.graph.call_module(name, src.args)

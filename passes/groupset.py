@@ -67,8 +67,19 @@ class RescalingGroups:
     frozen: list[Frozen]
     barriers: list[Barrier]
     model_name: str = ""
-    # The analysed (traced, BN-folded) module the parameter names refer to; not serialised.
-    module: object = field(default=None, repr=False, compare=False)
+    # The analysed (traced, BN-folded) GraphModule the parameter names refer to; not serialised.
+    # It may share unmodified leaf modules with the caller's model: read it, never write it.
+    source: object = field(default=None, repr=False, compare=False)
+    _copy: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def module(self):
+        """A private copy of the analysed module (made on first use), safe to modify."""
+        if self._copy is None and self.source is not None:
+            import copy
+
+            self._copy = copy.deepcopy(self.source).train(self.source.training)
+        return self._copy
 
     @property
     def num_free(self) -> int:
@@ -81,7 +92,8 @@ class RescalingGroups:
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("module")
+        d.pop("source")
+        d.pop("_copy")
         d["num_free"] = self.num_free
         d["num_frozen"] = self.num_frozen
         return d

@@ -6,6 +6,8 @@ to replay reshapes.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
@@ -22,12 +24,37 @@ def _small(v):
     return False
 
 
+# Ops whose output has their first input's shape, dtype and strides: on meta tensors the
+# generic elementwise meta functions are slow Python, and these need no computing at all.
+_SAME_AS_INPUT = {torch.relu, torch.nn.functional.relu, torch.nn.ReLU, torch.nn.Identity, torch.nn.Dropout,
+                  torch.nn.functional.dropout, "ChannelAffine"}
+_SAME_SHAPE_BINARY = {operator.add, operator.sub, operator.mul}
+
+
 class _Prop(fx.Interpreter):
     """torch.fx ShapeProp's annotations, with errors that name the failing node or module."""
 
+    meta = False
+
+    def _shortcut(self, n):
+        if not self.meta or n.op not in ("call_function", "call_module"):
+            return None
+        key = n.target if n.op == "call_function" else type(self.module.get_submodule(n.target))
+        args = [self.env.get(a) if isinstance(a, fx.Node) else a for a in n.args]
+        if key in _SAME_AS_INPUT or getattr(key, "__name__", None) in _SAME_AS_INPUT:
+            x = args[0] if args else None
+            return x if isinstance(x, torch.Tensor) and len(n.args) == 1 and not n.kwargs else None
+        if key in _SAME_SHAPE_BINARY and len(args) == 2 and not n.kwargs and all(
+                isinstance(a, torch.Tensor) for a in args) and args[0].shape == args[1].shape \
+                and args[0].dtype == args[1].dtype and args[0].stride() == args[1].stride():
+            return args[0]
+        return None
+
     def run_node(self, n):
         try:
-            result = super().run_node(n)
+            result = self._shortcut(n)
+            if result is None:
+                result = super().run_node(n)
         except ShapeError:
             raise
         except Exception as e:  # report the node and module that failed, once
@@ -60,15 +87,42 @@ def as_tuple(example_inputs):
     return tuple(example_inputs)
 
 
-def propagate(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """Annotate every node of ``gm`` with shapes from one run on ``example_inputs``; returns ``gm``."""
+def _on_meta(gm: fx.GraphModule, args):
+    """Parameters, buffers and inputs as meta tensors: shapes without arithmetic, and no
+    BatchNorm running statistics updated on the caller's buffers."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
+    meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    return _reparametrize_module(gm, state), meta_args
+
+
+def propagate(gm: fx.GraphModule, example_inputs, meta: bool = True) -> fx.GraphModule:
+    """Annotate every node of ``gm`` with shapes from one run on ``example_inputs``; returns ``gm``.
+
+    The run is on the meta device when every op supports it, else on real tensors (with
+    buffers cloned, so a training-mode BatchNorm does not move the caller's statistics).
+    """
     args = as_tuple(example_inputs)
     n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(args) > n_ph:
         raise ShapeError(f"the model takes {n_ph} input(s), {len(args)} example inputs were given")
+    if meta:
+        ctx, meta_args = _on_meta(gm, args)
+        prop = _Prop(gm)
+        prop.meta = True
+        try:
+            with ctx, torch.no_grad():
+                prop.run(*meta_args)
+            return gm
+        except Exception:  # an op without a meta kernel, or a real error: the real run tells which
+            pass
+    from torch.nn.utils.stateless import _reparametrize_module
+
     prop = _Prop(gm)
     try:
-        with torch.no_grad():
+        with _reparametrize_module(gm, {k: v.clone() for k, v in gm.named_buffers()}), torch.no_grad():
             prop.run(*args)
     except ShapeError:
         raise ShapeError(prop.error) from None

@@ -6,9 +6,39 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from .fold_bn import BATCHNORMS, LAYERS, ChannelAffine
 from .groupset import RescalingGroups, apply_factors
+
+
+@torch.no_grad()
+def lively_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initialise so that signal survives depth (He-normal weights, random BN statistics).
+
+    Several torchvision initialisations make deep outputs almost independent of the input
+    (e.g. googlenet's truncated normal with std 0.01): a rescaling check on such a model
+    could not fail. In place; returns the model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, LAYERS):
+            fan_in = mod.weight[0].numel()
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            if mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        elif isinstance(mod, ChannelAffine):
+            mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+            mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        elif isinstance(mod, BATCHNORMS) and mod.running_mean is not None:
+            c = mod.num_features
+            mod.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            if mod.weight is not None:
+                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
 
 
 @dataclass
@@ -41,9 +71,15 @@ def rel_error(a: list, b: list) -> tuple[float, float]:
 
 
 def check_soundness(groups: RescalingGroups, example_inputs, seed: int = 0, tol: float = 1e-10,
-                    module=None) -> SoundnessResult:
-    """Apply random factors to a float64 copy of the analysed module and compare outputs."""
-    base = copy.deepcopy(module if module is not None else groups.module).double().eval()
+                    module=None, reinit: bool = False) -> SoundnessResult:
+    """Apply random factors to a float64 copy of the analysed module and compare outputs.
+
+    ``reinit`` re-initialises the copy (``lively_init``) first: the groups are a property of
+    the graph, and a model whose output barely depends on its input could not fail the check.
+    """
+    base = copy.deepcopy(module if module is not None else groups.source).double().eval()
+    if reinit:
+        lively_init(base, seed)
     inputs = [x.double() if torch.is_tensor(x) and x.is_floating_point() else x
               for x in (example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))]
     ref = outputs(base, inputs)

@@ -74,7 +74,7 @@ def trace(model: nn.Module, leaf_modules=(), copy_model: bool = True) -> fx.Grap
         line = f"\n  at {frame.filename}:{frame.lineno}: {frame.line}" if frame else ""
         what = f"submodule '{sub}' ({type(root.get_submodule(sub)).__name__})" if sub else \
             f"the forward of {type(model).__name__}"
-        hint = f"\n  hint: pass leaf_modules=['{sub}'] to keep it opaque (it becomes a barrier)" if sub else ""
+        hint = f"\n  hint: pass leaf_modules=['{sub}'] (CLI: --leaf {sub}) to keep it opaque (it becomes a barrier)" if sub else ""
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(f"cannot trace {what}: {msg}{line}{hint}") from None
     name = type(root).__name__
@@ -135,6 +135,25 @@ def _flatten_form(node):
     return None
 
 
+_INPLACE = {torch.relu_, "relu_", operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
+
+
+def _inplace(node, modules) -> bool:
+    """The node writes into its first argument (its result may be discarded, the argument read later)."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    flag = node.args[1] if node.target is F.relu and len(node.args) > 1 else node.kwargs.get("inplace", False)
+    return node.target in _INPLACE or bool(flag)
+
+
+def _later_users(node):
+    after, n = set(), node.next
+    while n.op != "root":
+        after.add(n)
+        n = n.next
+    return lambda user: user in after
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
     modules = dict(gm.named_modules())
@@ -163,6 +182,10 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                         new = g.call_function(torch.flatten, (x, 1))
         if new is not None:
             new.meta = dict(node.meta)
+            x = node.args[0]
+            if _inplace(node, modules) and isinstance(x, fx.Node):
+                # the rewrite is out of place: reads of the mutated tensor after it read the new value
+                x.replace_all_uses_with(new, delete_user_cb=_later_users(new))
             node.replace_all_uses_with(new)
             g.erase_node(node)
     g.eliminate_dead_code()

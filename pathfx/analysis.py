@@ -15,14 +15,21 @@ from passes.trace import trace
 
 
 def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = False) -> fx.GraphModule:
-    """Trace a copy of ``model`` (eval mode unless ``train``), annotate shapes, fold eval BatchNorms."""
-    if isinstance(model, fx.GraphModule) and not leaf_modules:
-        gm = copy.deepcopy(model)
-    else:
-        root = copy.deepcopy(model)
-        root.train(train)
-        gm = trace(root, leaf_modules=leaf_modules, copy_model=False)
-    gm.train(train)
+    """Trace ``model`` (in eval mode unless ``train``), annotate shapes, fold eval BatchNorms.
+
+    The caller's model is not modified: its training flags are restored after tracing,
+    shapes are computed on meta tensors, folded layers are new modules. The result may
+    share untouched leaf modules with ``model``; copy it before writing to it.
+    """
+    flags = [(mod, mod.training) for mod in model.modules()]
+    try:
+        model.train(train)
+        gm = copy.deepcopy(model) if isinstance(model, fx.GraphModule) and not leaf_modules \
+            else trace(model, leaf_modules=leaf_modules, copy_model=False)
+    finally:
+        for mod, flag in flags:
+            mod.training = flag
+    gm.training = train  # only the root: leaves may be the caller's; copies take this mode
     propagate(gm, example_inputs)
     if not train:
         gm, _ = fold_bn(gm, inplace=True)

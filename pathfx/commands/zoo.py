@@ -1,0 +1,75 @@
+"""`pathfx zoo`: run the analysis over torchvision's classifiers and write the coverage table."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+import pathfx
+import zoo
+from passes.errors import PathfxError
+from passes.soundness import check_soundness
+
+from ._common import write_atomic
+
+NAME = "zoo"
+HELP = "analyse many models (default: the torchvision classifiers) and write a Markdown coverage table"
+SKIP_CHECK_PARAMS = 300_000_000  # float64 copies of larger models need several GiB: analysis only
+
+
+def add_arguments(p) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every torchvision classifier and zoo model (default)")
+    which.add_argument("--models", help="comma-separated model names")
+    which.add_argument("--list", action="store_true", help="list the known model names and exit")
+    p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+
+
+def row(name: str) -> dict:
+    t = time.perf_counter()
+    r = {"model": name}
+    try:
+        torch.manual_seed(0)
+        model = zoo.build(name).eval()
+        x = torch.randn(*zoo.lookup(name).input_shape)
+        g = pathfx.find_groups(model, x, name=name)
+        top = Counter(b.op for b in g.barriers).most_common(3)
+        r.update(traced="yes", groups=len(g.groups), free=g.num_free, frozen=g.num_frozen,
+                 barriers=", ".join(f"{op} ×{n}" for op, n in top) or "-")
+        if sum(p.numel() for p in model.parameters()) <= SKIP_CHECK_PARAMS:
+            s = check_soundness(g, x, reinit=True)
+            r["check"] = f"{s.max_rel_error:.1e} {'ok' if s.ok else 'FAILED'}"
+        else:
+            r["check"] = "not run (size)"
+    except PathfxError as e:
+        r.update(traced="no", check=str(e).splitlines()[0][:120])
+    r["seconds"] = f"{time.perf_counter() - t:.1f}"
+    return r
+
+
+COLUMNS = ["model", "traced", "groups", "free", "frozen", "barriers", "check", "seconds"]
+
+
+def markdown(rows) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    if args.list:
+        print("\n".join(zoo.all_names()))
+        return 0
+    names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
+    for n in names:
+        zoo.lookup(n)  # unknown names fail before any work
+    rows = [row(n) for n in tqdm(names, desc="models", unit="model")]
+    table = markdown(rows)
+    if args.out:
+        write_atomic(args.out, table, force=args.force)
+    print(table)
+    return 1 if any("FAILED" in r.get("check", "") for r in rows) else 0

@@ -1,0 +1,2 @@
+"""Shared test helpers."""
+from passes.soundness import lively_init as lively  # noqa: F401
