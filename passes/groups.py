@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
@@ -77,7 +79,7 @@ class _Context:
         if node.op == "call_method":
             return f"method:{node.target}"
         t = node.target
-        if t in rules.RULES or t in rules.BARRIER_REASONS:
+        if t in rules.RULES or t in rules.BARRIER_REASONS or t in SHAPE_QUERIES:
             return t
         return f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
 
@@ -123,6 +125,9 @@ class _Context:
         first = self.producers.get(weight)
         if first is not None:  # shared weights: one set of rows, one set of columns
             self.unions.union(first.in_ids, rec.in_ids)
+            if bias != first.bias:  # only the first call's bias would be rescaled with the rows
+                self.unions.fix(first.out_ids, f"weight {weight} shared by layers with different biases "
+                                               f"('{first.node}', '{node.name}')")
             return first.out_ids
         rec.out_ids = self.unions.fresh(c_out)
         self.producers[weight] = rec
@@ -131,14 +136,19 @@ class _Context:
 
     def _find_escaped(self) -> set:
         """Parameters read as plain tensors somewhere, so their rows/columns cannot move."""
-        layer_args = set()
-        for n in self.gm.graph.nodes:
-            if n.op == "call_function" and n.target in (rules.F_CONVS + (rules.F.linear,)):
-                layer_args.update(a for a in n.args[1:3] if isinstance(a, fx.Node))
-                layer_args.update(n.kwargs.get(k) for k in ("weight", "bias") if isinstance(n.kwargs.get(k), fx.Node))
+        # FX caches one get_attr node per parameter, so a weight read both by F.linear and by
+        # another op is one node: every use must be a weight/bias slot of a functional layer.
+        def layer_use(n, user):
+            if not (user.op == "call_function" and user.target in (rules.F_CONVS + (rules.F.linear,))):
+                return False
+            found = []
+            other = (user.args[:1], user.args[3:], {k: v for k, v in user.kwargs.items() if k not in ("weight", "bias")})
+            fx.node.map_arg(other, found.append)
+            return n not in found
+
         out = set()
         for n in self.gm.graph.nodes:
-            if n.op == "get_attr" and n not in layer_args:
+            if n.op == "get_attr" and not all(layer_use(n, u) for u in n.users):
                 out.add(n.target)
                 out.update(f"{n.target}.{p}" for p, _ in _named_params(self.gm, n.target))
         return out
@@ -201,32 +211,33 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
     fixed_label = comp[FIXED]
     layers = list(ctx.producers.values())
 
-    # producer vectors sharing a (free) class form one group
-    owner: dict[int, int] = {}
-    link = nx.Graph()
-    link.add_nodes_from(range(len(layers)))
-    for i, lay in enumerate(layers):
-        for c in np.unique(comp[lay.out_ids]):
-            if c == fixed_label:
-                continue
-            if c in owner:
-                link.add_edge(owner[c], i)
-            else:
-                owner[c] = i
+    # producer vectors sharing a (free) class form one group: components of the bipartite
+    # graph layer -- class
+    n = len(layers)
+    lay_idx = np.concatenate([np.full(len(lay.out_ids), i) for i, lay in enumerate(layers)] or [np.zeros(0, int)])
+    lab = np.concatenate([comp[lay.out_ids] for lay in layers] or [np.zeros(0, int)])
+    keep = lab != fixed_label
+    link = coo_matrix((np.ones(int(keep.sum()), dtype=np.int8), (lay_idx[keep], n + lab[keep])),
+                      shape=(n + len(comp), n + len(comp)))
+    layer_comp = connected_components(link, directed=False)[1][:n]
+    components: dict[int, list[int]] = defaultdict(list)
+    for i, c in enumerate(layer_comp.tolist()):
+        components[c].append(i)
     reason_of = {}
     for ids, reason in u.fixes:
         for p in np.unique(pre[ids]):
             reason_of.setdefault(int(p), reason)
 
     groups, frozen = [], []
+    counted: dict[int, Frozen] = {}  # a frozen variable spanning producers of several groups counts once
     var_of: dict[int, tuple[int, int]] = {}  # class -> (group id, var index)
-    for members in sorted(nx.connected_components(link), key=min):
-        members = sorted(members)
-        order: dict[int, int] = {}
-        for i in members:
-            for c in comp[layers[i].out_ids]:
-                if c != fixed_label and c not in order:
-                    order[int(c)] = len(order)
+    group_of = np.full(len(comp), NO_VAR)  # the same, as arrays indexed by class label
+    index_of = np.full(len(comp), NO_VAR)
+    for members in components.values():  # in order of their first layer
+        labels = np.concatenate([comp[layers[i].out_ids] for i in members])
+        labels = labels[labels != fixed_label]
+        _, first = np.unique(labels, return_index=True)
+        order = {int(c): j for j, c in enumerate(labels[np.sort(first)])}  # first appearance order
         frozen_here = defaultdict(set)
         for i in members:
             ids = layers[i].out_ids
@@ -234,14 +245,22 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
                 frozen_here[reason_of.get(int(p), "fixed")].add((int(p), layers[i].weight))
         n_frozen = len({p for s in frozen_here.values() for p, _ in s})
         for reason, items in frozen_here.items():
-            frozen.append(Frozen(layers=sorted({w for _, w in items}), count=len({p for p, _ in items}), reason=reason))
+            new = {p for p, _ in items} - counted.keys()
+            for p, w in items:
+                if p in counted and w not in counted[p].layers:
+                    counted[p].layers = sorted(counted[p].layers + [w])
+            if new:
+                entry = Frozen(layers=sorted({w for p, w in items if p in new}), count=len(new), reason=reason)
+                frozen.append(entry)
+                counted.update((p, entry) for p in new)
         if not order:
             continue
         gid = len(groups)
         for c, j in order.items():
             var_of[c] = (gid, j)
+            group_of[c], index_of[c] = gid, j
         prods = [Producer(node=layers[i].node, weight=layers[i].weight, bias=layers[i].bias, kind=layers[i].kind,
-                          out_vars=[order.get(int(c), NO_VAR) for c in comp[layers[i].out_ids]]) for i in members]
+                          out_vars=index_of[comp[layers[i].out_ids]].tolist()) for i in members]
         tags = set()
         for i in members:
             tags.add(layers[i].kind if layers[i].kind != "affine" else "affine")
@@ -254,9 +273,9 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
             continue
         seen.add(lay.weight)
         labels = comp[lay.in_ids]
-        touched = {var_of[int(c)][0] for c in np.unique(labels) if int(c) in var_of}
-        for gid in sorted(touched):
-            in_vars = [var_of[int(c)][1] if var_of.get(int(c), (None,))[0] == gid else NO_VAR for c in labels]
+        touched = np.unique(group_of[labels])
+        for gid in touched[touched >= 0].tolist():
+            in_vars = np.where(group_of[labels] == gid, index_of[labels], NO_VAR).tolist()
             groups[gid].consumers.append(Consumer(node=lay.node, weight=lay.weight, kind=lay.kind,
                                                   conv_groups=lay.groups, in_vars=in_vars))
 
@@ -270,4 +289,4 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
                     g.tags.append(tag)
     for g in groups:
         g.tags.sort()
-    return RescalingGroups(groups=groups, frozen=frozen, barriers=ctx.barriers, model_name=name, module=gm)
+    return RescalingGroups(groups=groups, frozen=frozen, barriers=ctx.barriers, model_name=name, source=gm)

@@ -225,9 +225,10 @@ def cat(ctx, node):
         shape = list(others)
         shape[dim] = ctx.shape(p)[dim]
         pieces.append(np.broadcast_to(v, shape))
-    if any(is_free(v) for v in vals):
-        ctx.event(node, "concat" if dim == 1 else None, pieces[0])
-    return compress(np.concatenate(pieces, axis=dim))
+    out = np.concatenate(pieces, axis=dim)
+    if any(is_free(v) for v in vals):  # every joined group sees the concat, not only the first piece's
+        ctx.event(node, "concat" if dim == 1 else None, out)
+    return compress(out)
 
 
 @rule(torch.split, torch.chunk, torch.tensor_split, *m("split", "chunk", "tensor_split"))

@@ -27,7 +27,8 @@ def _small(v):
 # Ops whose output has their first input's shape, dtype and strides: on meta tensors the
 # generic elementwise meta functions are slow Python, and these need no computing at all.
 _SAME_AS_INPUT = {torch.relu, torch.nn.functional.relu, torch.nn.ReLU, torch.nn.Identity, torch.nn.Dropout,
-                  torch.nn.functional.dropout, "ChannelAffine"}
+                  torch.nn.functional.dropout, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                  "ChannelAffine"}
 _SAME_SHAPE_BINARY = {operator.add, operator.sub, operator.mul}
 
 
