@@ -91,7 +91,7 @@ def _arg(node, i, name, default=None):
 ELEMENTWISE = (torch.relu, F.leaky_relu, F.prelu, torch.prelu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
                torch.clone, nn.LeakyReLU, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                nn.Identity, "torchvision.ops.stochastic_depth.stochastic_depth") + \
-    m("contiguous", "clone", "leaky_relu")
+    m("contiguous", "clone")
 
 
 @rule(*ELEMENTWISE)
