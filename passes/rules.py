@@ -162,6 +162,15 @@ def _scalar(ctx, x):
     return isinstance(v, numbers.Number) and not isinstance(v, bool)
 
 
+def _skip_source(ctx, node):
+    """The value a branch carries unchanged: back through single-input pass-through ops, so
+    that add(f(x), Identity(x)) is an identity skip although Identity(x) is its own node."""
+    while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method") \
+            and RULES.get(ctx.key(node)) in (passthrough, pool, neg, cast) and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return node
+
+
 @rule(operator.add, operator.sub)
 def add(ctx, node):
     a, b = node.args[0], node.args[1]
@@ -177,7 +186,9 @@ def add(ctx, node):
         return barrier(ctx, node, "operands that are not tensors")
     va, vb = right_align(va, ndim), right_align(vb, ndim)
     if is_free(va) and is_free(vb):
-        ctx.event(node, "identity-skip" if ctx.is_ancestor(a, b) or ctx.is_ancestor(b, a) else "learned-skip", va)
+        sa, sb = _skip_source(ctx, a), _skip_source(ctx, b)
+        identity = ctx.is_ancestor(sa, b) or ctx.is_ancestor(sb, a)
+        ctx.event(node, "identity-skip" if identity else "learned-skip", va)
     elif is_free(va) or is_free(vb):
         ctx.fix(va if is_free(va) else vb, f"added to a fixed tensor at node '{node.name}'")
     ctx.unions.union(va, vb)

@@ -716,3 +716,18 @@ def test_graph_output_is_frozen():
         m.c2.weight[0].mul_(2.0)
         m.c2.bias[0].mul_(2.0)
     assert rel_error(ref, outputs(m, [x]))[0] > 0.5
+
+
+def test_identity_module_on_the_skip_is_still_an_identity_skip():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+            self.shortcut, self.f = nn.Identity(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.f(torch.relu(self.c(h) + self.shortcut(h)).mean((2, 3)))
+
+    g = pathfx.find_groups(Block(), torch.randn(1, 3, 8, 8))
+    assert [grp.tags for grp in g.groups] == [["conv", "identity-skip"]]
