@@ -23,3 +23,7 @@ class ModelNotFound(PathfxError):
 
 class InputError(PathfxError):
     """A bad argument: an input shape that does not parse, a missing example input..."""
+
+
+class VerificationError(PathfxError):
+    """Two models (or a model and its ONNX export) compute different functions beyond tolerance."""

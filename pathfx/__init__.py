@@ -5,3 +5,10 @@ from passes.groupset import RescalingGroups
 from .analysis import find_groups
 
 __all__ = ["find_groups", "RescalingGroups", "PathfxError", "TraceError", "ShapeError"]
+from .balance import enorm  # noqa: E402
+from . import optim  # noqa: E402
+
+__all__ += ["enorm", "optim"]
+from .reparam import ReparamReport, reparameterize  # noqa: E402
+from passes.verify import Verification, verify  # noqa: E402
+from passes.onnx_export import ExportReport, export_onnx, onnx_op_counts  # noqa: E402

@@ -729,5 +729,5 @@ def test_identity_module_on_the_skip_is_still_an_identity_skip():
             h = torch.relu(self.a(x))
             return self.f(torch.relu(self.c(h) + self.shortcut(h)).mean((2, 3)))
 
-    g = pathfx.find_groups(Block(), torch.randn(1, 3, 8, 8))
+    g = find_groups(Block(), torch.randn(1, 3, 8, 8))
     assert [grp.tags for grp in g.groups] == [["conv", "identity-skip"]]
