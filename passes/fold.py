@@ -1,0 +1,47 @@
+"""Fold an eval-mode path model back into plain layers with static weights (for export).
+
+Every ``PathLayer`` becomes its Conv/Linear with weight V/b + red; every ``PBN`` becomes one
+layer with W = a ⊙ offdiag + λ·red, bias = β + a·(layer bias − μ), a = γ/sqrt(var + eps)
+(DESIGN §3); the remaining BatchNorms are folded by ``passes.fold_bn``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pathfx.nn import PBN, PathLayer
+
+from .fold_bn import fold_bn
+
+
+def _plain(base: nn.Module, weight: torch.Tensor, bias) -> nn.Module:
+    layer = copy.deepcopy(base)
+    layer.weight = nn.Parameter(weight.detach().clone())
+    layer.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+    return layer
+
+
+@torch.no_grad()
+def fold(path_model: fx.GraphModule, fold_batchnorm: bool = True) -> fx.GraphModule:
+    """A copy of ``path_model`` (eval mode) with only plain Conv/Linear layers; the eval output is unchanged."""
+    gm = copy.deepcopy(path_model).eval()
+    done = []
+    for name, mod in list(gm.named_modules()):
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        if isinstance(mod, PBN):
+            new = _plain(mod.layer.base, *mod.folded())
+        elif isinstance(mod, PathLayer):
+            new = _plain(mod.base, mod.weight, mod.bias)
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+        done.append(name)
+    gm.recompile()
+    if fold_batchnorm:
+        gm, _ = fold_bn(gm, inplace=True)
+    return gm

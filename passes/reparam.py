@@ -1,0 +1,263 @@
+"""Path reparameterization: red (skeleton) weights, scale solve, basis values (DESIGN §3).
+
+Works on the rescaling groups of a BN-folded, eval-mode GraphModule.
+
+Red weights. A *selected* group is one the policy reparameterizes ("per-block": every group
+except residual streams, tagged identity-skip / learned-skip; "global": all). Unselected
+groups and frozen channels keep factor 1 and act as sinks. The distance d(G) of a selected
+group is 1 + the smallest distance of the output of one of its consumers (sinks are 0). The red weight of variable k is chosen in a consumer Q with d(out(Q)) < d(G): this
+is what forbids a cycle through a residual stream (a block's first conv feeds the block,
+whose last conv feeds the stream back), so under "global" a stream's red weights sit in the
+next stage's downsample conv or in the classifier. Among eligible consumers the closest to
+the output comes first, then graph order. The entry is the generalized diagonal
+Q[o, c mod cin_g, centre] with c the input channel of k (for a flattened input the middle
+feature of k's features), o = c mod C_out inside c's conv group; when that entry is 0, the
+largest entry of the column (all rows of the group, all taps). A variable whose columns are
+zero in every eligible consumer is dead: factor 1, no red weight.
+
+Scale solve. In increasing d: s_k = |Q[red]| · s_o (s_o: factor of Q's output row, already
+solved because its group is closer to the output, 1 for sinks). Rows × s, columns ÷ s makes
+every red entry exactly its sign.
+
+Affine consumers (BatchNorms that do not follow a layer) never carry red weights: a
+BatchNorm in training mode normalises its input scale away, so a constant ±1 there would
+be meaningless. Variables consumed only by such layers stay in weight space (DenseNet's
+concatenated features).
+
+Basis values. b_k is the path value of the skeleton path into k, read from k's first
+producer at its entry [row, row mod cin_g, centre]: b_k = b_src if that entry is the red
+weight of its source variable, else |v| of that entry (v = u · b of the entry's column; 1
+for a column that is not a reparameterized variable). If that entry is 0, the largest
+non-red entry of the row; if the producer is an affine (a BatchNorm in the path model) or
+the row is zero, b_k = 1. A basis is therefore always one trainable path value (or 1), so
+the runtime reads it as |V| of a single entry.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .groupset import Consumer, RescalingGroups, apply_factors, in_channel_index
+
+STREAM_TAGS = ("identity-skip", "learned-skip")
+POLICIES = ("per-block", "global")
+ONE = None  # basis value 1: the column is not a reparameterized variable
+
+
+@dataclass
+class ReparamPlan:
+    """What the runtime needs: factors, red entries and basis references."""
+    selected: list[int]
+    factors: dict[int, np.ndarray]
+    reds: dict[tuple[int, int], tuple[str, tuple]]  # (gid, var) -> (weight name, index)
+    basis: dict[tuple[int, int], tuple[str, int] | None]  # (gid, var) -> (weight, flat index) or ONE
+    dead: list[tuple[int, int]] = field(default_factory=list)
+    weight_space: dict[str, int] = field(default_factory=dict)  # reason -> variables kept
+    distance: dict[int, int] = field(default_factory=dict)
+
+
+def _centre(shape) -> tuple:
+    return tuple(s // 2 for s in shape[2:])
+
+
+def select_groups(groups: RescalingGroups, policy: str, module) -> tuple[list[int], dict[str, int]]:
+    """Groups the policy reparameterizes; every group whose layers are not conv/linear/affine modules is left out."""
+    from .errors import InputError
+    if policy not in POLICIES:
+        raise InputError(f"unknown policy '{policy}': expected one of {', '.join(POLICIES)}")
+    modules = dict(module.named_modules())
+    kept, out = {}, []
+    for g in groups.groups:
+        layers = [p.weight for p in g.producers] + [c.weight for c in g.consumers]
+        if policy == "per-block" and any(t in g.tags for t in STREAM_TAGS):
+            kept["residual stream (policy per-block)"] = kept.get("residual stream (policy per-block)", 0) + g.width
+        elif any(w.rpartition(".")[0] not in modules or w.rpartition(".")[2] != "weight" for w in layers):
+            kept["a layer of the group is not a module (functional conv/linear)"] = \
+                kept.get("a layer of the group is not a module (functional conv/linear)", 0) + g.width
+        else:
+            out.append(g.id)
+    return out, kept
+
+
+class _Solver:
+    def __init__(self, groups: RescalingGroups, selected, weights: dict[str, np.ndarray]):
+        self.groups = {g.id: g for g in groups.groups}
+        self.selected = set(selected)
+        self.w = weights
+        self.prod = {}  # weight -> (gid, out_vars)
+        self.cons = {}  # weight -> [(gid, Consumer)]
+        for g in groups.groups:
+            for p in g.producers:
+                self.prod[p.weight] = (g.id, np.asarray(p.out_vars))
+            for c in g.consumers:
+                self.cons.setdefault(c.weight, []).append((g.id, c))
+        order = {}
+        for g in groups.groups:
+            for c in g.consumers:
+                order.setdefault(c.weight, len(order))
+        self.order = order
+
+    def out_group(self, weight):
+        gid, _ = self.prod.get(weight, (None, None))
+        return gid if gid in self.selected else None
+
+    def distances(self) -> dict[int, int]:
+        d = {gid: np.inf for gid in self.selected}
+        for _ in range(len(d) + 1):
+            changed = False
+            for gid in self.selected:
+                best = min((0 if self.out_group(c.weight) is None else d[self.out_group(c.weight)]
+                            for c in self.groups[gid].consumers), default=np.inf)
+                if best + 1 < d[gid]:
+                    d[gid], changed = best + 1, True
+            if not changed:
+                break
+        return d
+
+    def red_entry(self, c: Consumer, channels: list[int]):
+        """Generalized-diagonal entry of the variable reading ``channels`` of consumer ``c``, or None."""
+        w = self.w[c.weight]
+        ch = channels[len(channels) // 2]
+        if c.kind == "linear":
+            o, col, rows = ch % w.shape[0], ch, np.arange(w.shape[0])
+        else:
+            cin_g, cout_g = w.shape[1], w.shape[0] // c.conv_groups
+            gi = ch // cin_g
+            o, col = gi * cout_g + ch % cout_g, ch % cin_g
+            rows = np.arange(gi * cout_g, (gi + 1) * cout_g)
+        idx = (o, col) + _centre(w.shape)
+        if w[idx] != 0:
+            return idx
+        block = np.abs(w[rows][:, col])  # (rows, *taps)
+        if not block.any():
+            return None
+        flat = np.unravel_index(int(np.argmax(block)), block.shape)
+        return (int(rows[flat[0]]), col) + tuple(int(i) for i in flat[1:])
+
+    def solve(self) -> ReparamPlan:
+        dist = self.distances()
+        plan = ReparamPlan(selected=[g for g in sorted(self.selected) if np.isfinite(dist[g])], factors={},
+                           reds={}, basis={}, distance={g: int(d) for g, d in dist.items() if np.isfinite(d)})
+        for gid in sorted(plan.selected, key=lambda g: dist[g]):
+            g = self.groups[gid]
+            eligible = sorted(
+                [c for c in g.consumers if c.kind != "affine" and
+                 (0 if self.out_group(c.weight) is None else dist[self.out_group(c.weight)]) < dist[gid]],
+                key=lambda c: (0 if self.out_group(c.weight) is None else dist[self.out_group(c.weight)],
+                               self.order[c.weight]))
+            columns = []
+            for c in eligible:
+                pos: dict[int, list[int]] = {}
+                for ch, v in enumerate(c.in_vars):
+                    if v >= 0:
+                        pos.setdefault(v, []).append(ch)
+                columns.append(pos)
+            f = np.ones(g.width)
+            for k in range(g.width):
+                for c, pos in zip(eligible, columns):
+                    idx = self.red_entry(c, pos[k]) if k in pos else None
+                    if idx is None:
+                        continue
+                    f[k] = abs(self.w[c.weight][idx]) * self.row_factor(plan, c.weight, idx[0])
+                    plan.reds[(gid, k)] = (c.weight, idx)
+                    break
+                else:
+                    plan.dead.append((gid, k))
+            plan.factors[gid] = f
+        return plan
+
+    def row_factor(self, plan, weight, row) -> float:
+        gid, out_vars = self.prod.get(weight, (None, None))
+        if gid is None or gid not in plan.factors or out_vars[row] < 0:
+            return 1.0
+        return float(plan.factors[gid][out_vars[row]])
+
+    # -- basis values on the reparameterized weights
+    def column_var(self, weight, ch) -> tuple[int, int] | None:
+        for gid, c in self.cons.get(weight, []):
+            if gid in self.selected and c.in_vars[ch] >= 0:
+                return gid, c.in_vars[ch]
+        return None
+
+    def bases(self, plan: ReparamPlan) -> None:
+        red_at = {(w, idx): key for key, (w, idx) in plan.reds.items()}
+        memo: dict = {}
+
+        def entry_channel(weight, idx):
+            w = self.w[weight]
+            if w.ndim <= 2:
+                return int(idx[-1] if w.ndim == 2 else idx[0])
+            groups = next((c.conv_groups for _, c in self.cons.get(weight, [])), 1)
+            return int((idx[0] // (w.shape[0] // groups)) * w.shape[1] + idx[1])
+
+        def col_value(weight, idx) -> float:
+            key = self.column_var(weight, entry_channel(weight, idx))
+            return 1.0 if key is None else value(key)
+
+        values: dict = {}
+
+        def value(key) -> float:
+            if key in values:
+                return values[key]
+            ref = basis(key)
+            values[key] = 1.0 if ref is None else abs(self.w[ref[0]].reshape(-1)[ref[1]]) * \
+                col_value(ref[0], np.unravel_index(ref[1], self.w[ref[0]].shape))
+            return values[key]
+
+        def basis(key):
+            if key in memo:
+                return memo[key]
+            gid, k = key
+            p = next(p for p in self.groups[gid].producers if k in p.out_vars)
+            row = p.out_vars.index(k)
+            w = self.w[p.weight]
+            ref = None
+            if p.kind != "affine":
+                idx = (row, row % w.shape[1]) + _centre(w.shape)
+                src = red_at.get((p.weight, idx))
+                if src is not None:
+                    ref = basis(src)
+                elif w[idx] != 0 and col_value(p.weight, idx) > 0:
+                    ref = (p.weight, int(np.ravel_multi_index(idx, w.shape)))
+                else:  # the largest non-red entry of the row
+                    mag = np.abs(w[row]).copy()
+                    for (rw, ridx) in red_at:
+                        if rw == p.weight and ridx[0] == row:
+                            mag[ridx[1:]] = 0
+                    if mag.any():
+                        j = np.unravel_index(int(np.argmax(mag)), mag.shape)
+                        ref = (p.weight, int(np.ravel_multi_index((row,) + tuple(j), w.shape)))
+            memo[key] = ref
+            return ref
+
+        self._value_of_ref = lambda ref: abs(self.w[ref[0]].reshape(-1)[ref[1]]) * \
+            col_value(ref[0], np.unravel_index(ref[1], self.w[ref[0]].shape))
+        for gid in plan.selected:
+            for k in range(self.groups[gid].width):
+                plan.basis[(gid, k)] = basis((gid, k))
+
+
+@torch.no_grad()
+def solve(groups: RescalingGroups, policy: str = "per-block"):
+    """(plan, reparameterized float64 copy of ``groups.module``, basis-value function)."""
+    module = copy.deepcopy(groups.module).double()
+    selected, kept = select_groups(groups, policy, module)
+    weights = {n: p.detach().numpy() for n, p in module.named_parameters()}
+    solver = _Solver(groups, selected, weights)
+    plan = solver.solve()
+    plan.weight_space = kept
+    lost = sorted(set(selected) - set(plan.selected))
+    if lost:
+        plan.weight_space["no path to the output"] = \
+            sum(solver.groups[g].width for g in lost)
+    solver.selected = set(plan.selected)
+    apply_factors(module, groups, {g: plan.factors[g] for g in plan.selected})
+    for weight, idx in plan.reds.values():  # exact ±1, not 1 ± an ulp
+        w = module.get_parameter(weight)
+        w[idx] = torch.sign(w[idx])
+    solver.w = {n: p.detach().numpy() for n, p in module.named_parameters()}
+    solver.bases(plan)
+    return plan, module, solver

@@ -1,0 +1,212 @@
+"""Path reparameterization: Theorem 1 closed forms, function preservation, red weights, fold."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import pathfx
+import zoo
+from pathfx.nn import PBN, PathLayer
+from passes.fold import fold
+from passes.soundness import outputs, rel_error
+
+
+def mlp(widths, seed, negative_diag=True):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1], bias=False), nn.ReLU()]
+    m = nn.Sequential(*layers[:-1]).double()
+    if negative_diag:  # some generalized-diagonal (red) entries negative
+        with torch.no_grad():
+            for lin in m[2::2]:
+                c_out, c_in = lin.weight.shape
+                for k in range(0, c_in, 2):
+                    lin.weight[k % c_out, k] = -abs(lin.weight[k % c_out, k]) - 0.1
+    return m
+
+
+def path_weights(pm):
+    return [m.weight.detach().numpy() for m in pm.modules() if isinstance(m, PathLayer)]
+
+
+def closed_forms(W):
+    """Theorem 1 of path-bn.txt, generalized to unequal widths by the papers' D.1 choice.
+
+    fwd(l, j): value of the red (skeleton) chain from hidden node j of layer l to the output,
+    through entries [j mod C_{s}, j]; inp(l, k): value of the chain into k through [k, k mod C_{l-1}].
+    v^l_jk = inp(l-1, k) · w^l_jk · fwd(l, j) and P_k = inp(l-1, k) · fwd(l-1, k) (= v^1_kk at equal widths).
+    Rescaling by |·| only keeps each weight's sign, so the reparameterized weight is
+    sgn(fwd(l, j)) · sgn(fwd(l-1, k)) · v^l_jk / P_k, and the red entries are sgn(w^l_jk).
+    """
+    L = len(W)
+
+    def fwd(l, j):
+        if l == 0 or l == L:
+            return 1.0
+        jn = j % W[l].shape[0]
+        return W[l][jn, j] * fwd(l + 1, jn)
+
+    def inp(l, k):
+        if l == 0:
+            return 1.0
+        src = k % W[l - 1].shape[1]
+        return W[l - 1][k, src] * inp(l - 1, src)
+
+    U, B = [], []
+    for l in range(1, L + 1):
+        w = W[l - 1]
+        u, b = np.zeros_like(w), np.ones_like(w)
+        for j in range(w.shape[0]):
+            for k in range(w.shape[1]):
+                v = inp(l - 1, k) * w[j, k] * fwd(l, j)
+                if l == 1:
+                    u[j, k] = np.sign(fwd(l, j)) * v
+                elif j == k % w.shape[0]:
+                    u[j, k] = np.sign(w[j, k])
+                else:
+                    P = inp(l - 1, k) * fwd(l - 1, k)
+                    u[j, k] = np.sign(fwd(l, j)) * np.sign(fwd(l - 1, k)) * v / P
+                    b[j, k] = abs(P)
+        U.append(u)
+        B.append(b)
+    return U, B
+
+
+def paper_forms(W):
+    """The equal-width statement itself: products over layers of diagonal entries (path-bn.txt Thm 1)."""
+    L, d = len(W), W[0].shape[0]
+    diag = np.array([[W[s][k, k] for k in range(d)] for s in range(L)])  # diag[s, k] = w^{s+1}_kk
+    v1 = diag.prod(axis=0)  # v^1_kk
+    U = []
+    for l in range(1, L + 1):
+        w, u = W[l - 1], np.zeros_like(W[l - 1])
+        for j in range(w.shape[0]):
+            for k in range(w.shape[1]):
+                v = diag[:l - 1, k].prod() * w[j, k] * diag[l:, j].prod()  # v^l_jk
+                if l == 1:
+                    u[j, k] = np.sign(diag[1:, j]).prod() * v
+                elif j == k:
+                    u[j, k] = np.sign(w[k, k])
+                else:
+                    u[j, k] = np.sign(diag[l:, j]).prod() * np.sign(diag[l - 1:, k]).prod() * v / v1[k]
+        U.append(u)
+    return U
+
+
+@pytest.mark.parametrize("widths", [(4, 4, 4, 4), (5, 5, 5, 5, 5, 5), (4, 6, 3, 2), (3, 7, 5, 8, 4, 2)])
+def test_theorem1_closed_forms(widths):
+    m = mlp(widths, seed=len(widths))
+    W = [lin.weight.detach().numpy().copy() for lin in m[::2]]
+    x = torch.randn(6, widths[0], dtype=torch.float64)
+    pm, rep = pathfx.reparameterize(m, x, pbn=False)
+    assert rep.red_weights == sum(widths[1:-1]) and rep.max_rel_error < 1e-12
+    U, B = closed_forms(W)
+    got = path_weights(pm)
+    assert len(got) == len(U)
+    for u_got, u_want in zip(got, U):
+        np.testing.assert_allclose(u_got, u_want, rtol=1e-12, atol=1e-14)
+    if len(set(widths)) == 1:
+        for u_got, u_want in zip(got, paper_forms(W)):
+            np.testing.assert_allclose(u_got, u_want, rtol=1e-12, atol=1e-14)
+    # path values: V = u · b with b = |P_k| (|v^1_kk| at equal widths)
+    for layer, u, b in zip([m for m in pm.modules() if isinstance(m, PathLayer)], U, B):
+        free = layer.free.numpy() == 1
+        np.testing.assert_allclose(layer.V.detach().numpy()[free], (u * b)[free], rtol=1e-12, atol=1e-14)
+    assert all(np.array_equal(m[::2][i].weight.detach().numpy(), W[i]) for i in range(len(W)))  # caller untouched
+
+
+def test_red_entries_constant_no_gradient():
+    m = mlp((4, 6, 5, 3), seed=1)
+    pm, _ = pathfx.reparameterize(m, torch.randn(2, 4, dtype=torch.float64), pbn=False)
+    pm(torch.randn(8, 4, dtype=torch.float64)).square().sum().backward()
+    layers = [m for m in pm.modules() if isinstance(m, PathLayer)]
+    assert "red" in dict(layers[1].named_buffers()) and "red" not in dict(layers[1].named_parameters())
+    for layer in layers[1:]:
+        red = layer.red != 0
+        assert red.sum() == layer.red.shape[1]  # one red entry per input variable
+        assert set(layer.weight[red].tolist()) <= {-1.0, 1.0}
+        assert torch.all(layer.V.grad[red] == 0) and layer.V.grad[~red].abs().sum() > 0
+
+
+def _randomize_bn(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return m
+
+
+def _check(model, size, policy, pbn, min_groups=1):
+    torch.manual_seed(0)
+    model = _randomize_bn(model.double().eval())
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    before = copy.deepcopy(model.state_dict())
+    pm, rep = pathfx.reparameterize(model, x, policy=policy, pbn=pbn)
+    assert len(rep.reparameterized_groups) >= min_groups
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ref = outputs(model, [x])
+    rel, _ = rel_error(ref, outputs(pm.eval(), [x]))
+    assert rel <= 1e-10, rel
+    if pbn:
+        folded = fold(pm)
+        assert not any(isinstance(mod, (PathLayer, PBN)) for mod in folded.modules())
+        assert rel_error(ref, outputs(folded, [x]))[0] <= 1e-10
+    return pm, rep
+
+
+@pytest.mark.parametrize("pbn", [False, True])
+def test_plainnet_preserved(pbn):
+    pm, rep = _check(zoo.build("plainnet18"), 32, "per-block", pbn, min_groups=17)
+    assert len(rep.pbn_layers) == (16 if pbn else 0)  # every conv but the first
+
+
+@pytest.mark.parametrize("policy,pbn", [("per-block", True), ("global", True), ("global", False)])
+def test_resnet18_preserved(policy, pbn):
+    pm, rep = _check(zoo.build("resnet18"), 32, policy, pbn, min_groups=8)
+    assert rep.variables == (1920 if policy == "per-block" else 2880)
+    if pbn:  # per-block: each block's second conv; global: also the three downsample convs
+        assert len(rep.pbn_layers) == (8 if policy == "per-block" else 11)
+        assert isinstance(pm.get_submodule("bn1"), nn.BatchNorm2d)  # stem input is fixed: ordinary BN
+
+
+def test_typec_preserved():
+    _check(zoo.build("resnet18_typec"), 32, "global", True, min_groups=17)
+
+
+def test_mlp_with_bias_preserved():
+    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3))
+    m = _randomize_bn(m.double().eval())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for pbn in (False, True):
+        pm, rep = pathfx.reparameterize(m, x, pbn=pbn)
+        assert rep.max_rel_error <= 1e-12 and len(rep.pbn_layers) == int(pbn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["per-block", "global"])
+def test_resnet50_preserved(policy):
+    _check(zoo.build("resnet50"), 64, policy, True, min_groups=16)
+
+
+@pytest.mark.slow
+def test_vgg11_preserved():
+    _check(zoo.build("vgg11"), 32, "per-block", False, min_groups=10)
+
+
+@pytest.mark.slow
+def test_densenet121_preserved():
+    pm, rep = _check(zoo.build("densenet121"), 32, "per-block", True)
+    assert rep.no_red > 0  # concatenated features, read only by BatchNorms, stay in weight space
+
+
+def test_bad_policy():
+    with pytest.raises(pathfx.PathfxError):
+        pathfx.reparameterize(mlp((3, 3, 3), 0), torch.randn(1, 3, dtype=torch.float64), policy="sideways")
