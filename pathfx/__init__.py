@@ -1,4 +1,8 @@
 """pathfx: rescaling-group discovery, Equi-normalization and path reparameterization over torch.fx."""
+from zoo._torchvision import torchvision as _torchvision
+
+_torchvision()  # so that a plain `import torchvision` after `import pathfx` works on CPU-only torch
+
 from passes.errors import PathfxError, ShapeError, TraceError
 from passes.groupset import RescalingGroups
 
@@ -12,3 +16,7 @@ __all__ += ["enorm", "optim"]
 from .reparam import ReparamReport, reparameterize  # noqa: E402
 from passes.verify import Verification, verify  # noqa: E402
 from passes.onnx_export import ExportReport, export_onnx, onnx_op_counts  # noqa: E402
+from .plan import Plan, PlanMismatchError  # noqa: E402
+from .transform import TransformResult, transform  # noqa: E402
+
+__all__ += ["transform", "TransformResult", "Plan", "PlanMismatchError"]

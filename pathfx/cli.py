@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import sys
 
-from passes.errors import PathfxError
+from passes.errors import PathfxError, VerificationError
 
 from . import commands
 
@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         code = args.run(args)
+    except VerificationError as e:  # the run worked and found a difference: CI gates on exit 1
+        print(f"pathfx: verification failed: {e}", file=sys.stderr)
+        return 1
     except PathfxError as e:
         print(f"pathfx: error: {e}", file=sys.stderr)
         return 2

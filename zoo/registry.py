@@ -86,3 +86,15 @@ def build(name: str, **kw) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelNotFound(f"'{name}' returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def default_input_shape(model: nn.Module) -> tuple | None:
+    """The default example-input shape of a model instance built by torchvision or the zoo, else None."""
+    cls = type(model)
+    if cls.__module__.startswith("torchvision.models"):
+        return _TV_SHAPES["inception_v3"] if cls.__name__ == "Inception3" else (1, 3, 224, 224)
+    for entry in ZOO.values():
+        ret = getattr(entry.build, "__annotations__", {}).get("return")
+        if ret is not None and (ret if isinstance(ret, str) else ret.__name__) == cls.__name__:
+            return entry.input_shape
+    return None

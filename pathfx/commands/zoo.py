@@ -24,8 +24,33 @@ def add_arguments(p) -> None:
     which.add_argument("--all", action="store_true", help="every torchvision classifier and zoo model (default)")
     which.add_argument("--models", help="comma-separated model names")
     which.add_argument("--list", action="store_true", help="list the known model names and exit")
+    p.add_argument("--mode", choices=["analyze", "balance", "path"], default="analyze",
+                   help="analyze: groups + soundness check; balance / path: transform + verify + ONNX export")
+    p.add_argument("--cycles", type=int, default=10, help="balance mode: ENorm cycles per model")
     p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --out")
+
+
+def transform_row(name: str, mode: str, cycles: int) -> dict:
+    import tempfile
+
+    t = time.perf_counter()
+    r = {"model": name}
+    try:
+        torch.manual_seed(0)
+        model = zoo.build(name).eval()
+        x = torch.randn(*zoo.lookup(name).input_shape)
+        res = pathfx.transform(model, x, mode=mode, name=name, **({"cycles": cycles} if mode == "balance" else {}))
+        g = res.groups
+        r.update(groups=len(g.groups), free=g.num_free, torch=f"{res.verification.max_rel:.1e}")
+        with tempfile.TemporaryDirectory() as d:
+            rep = pathfx.export_onnx(res.model, f"{d}/m.onnx", x)
+        r.update(onnxruntime=f"{rep.max_rel:.1e}", status="ok" if g.num_free else
+                 f"ok, no free group ({Counter(b.op for b in g.barriers).most_common(1)[0][0] if g.barriers else '-'})")
+    except PathfxError as e:
+        r["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    r["seconds"] = f"{time.perf_counter() - t:.1f}"
+    return r
 
 
 def row(name: str) -> dict:
@@ -53,12 +78,13 @@ def row(name: str) -> dict:
 
 
 COLUMNS = ["model", "traced", "groups", "free", "frozen", "barriers", "check", "seconds"]
+TRANSFORM_COLUMNS = ["model", "groups", "free", "torch", "onnxruntime", "seconds", "status"]
 
 
-def markdown(rows) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown(rows, columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,9 +95,14 @@ def run(args) -> int:
     names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
     for n in names:
         zoo.lookup(n)  # unknown names fail before any work
-    rows = [row(n) for n in tqdm(names, desc="models", unit="model")]
-    table = markdown(rows)
+    if args.mode == "analyze":
+        rows = [row(n) for n in tqdm(names, desc="models", unit="model")]
+        table = markdown(rows)
+    else:
+        rows = [transform_row(n, args.mode, args.cycles) for n in tqdm(names, desc=args.mode, unit="model")]
+        table = markdown(rows, TRANSFORM_COLUMNS)
     if args.out:
         write_atomic(args.out, table, force=args.force)
     print(table)
-    return 1 if any("FAILED" in r.get("check", "") for r in rows) else 0
+    failed = any("FAILED" in r.get("check", "") or "VerificationError" in r.get("status", "") for r in rows)
+    return 1 if failed else 0

@@ -1,0 +1,44 @@
+"""`pathfx transform MODEL`: balance or path-reparameterize a model, verify it, emit its plan, export to ONNX."""
+from __future__ import annotations
+
+import os
+
+import pathfx
+from passes.errors import InputError
+
+from ._common import add_model_arguments, load_model, write_atomic
+
+NAME = "transform"
+HELP = "rewrite a model into balanced (ENorm) or path (P-BN) form, verify it, write its plan and ONNX export"
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--mode", choices=["path", "balance"], default="path")
+    p.add_argument("--plan", choices=["enorm", "gsgd", "sgd"], help="default: the plan matched to the mode")
+    p.add_argument("--plan-out", metavar="FILE", help="write the plan as JSON")
+    p.add_argument("--export", metavar="FILE", help="export the transformed model to ONNX and check it with onnxruntime")
+    p.add_argument("--force", action="store_true", help="overwrite --plan-out / --export files")
+    p.add_argument("--policy", choices=["per-block", "global"], help="path mode: which groups to reparameterize")
+    p.add_argument("--cycles", type=int, help="balance mode: ENorm cycles (default: until --tol)")
+
+
+def run(args) -> int:
+    for path in (args.plan_out, args.export):  # refuse before any work, not after minutes of it
+        if path and os.path.exists(path) and not args.force:
+            raise InputError(f"output file '{path}' exists (use --force to overwrite)")
+    model, x, name = load_model(args)
+    options = {k: v for k, v in (("policy", args.policy), ("cycles", args.cycles)) if v is not None}
+    result = pathfx.transform(model, x, mode=args.mode, plan=args.plan, name=name, **options)
+    print(result)
+    print()
+    print(result.plan)
+    code = 0
+    if args.plan_out:
+        write_atomic(args.plan_out, result.plan.to_json(indent=1), force=args.force)
+        print(f"\nplan written to {args.plan_out}")
+    if args.export:
+        rep = pathfx.export_onnx(result.model, args.export, x, overwrite=args.force)
+        print(f"\nONNX: {args.export} ({rep.exporter} exporter, opset {rep.opset}, {sum(rep.ops.values())} nodes): "
+              f"onnxruntime vs torch max rel error {rep.max_rel:.2e} (float32)")
+    return code

@@ -1,0 +1,174 @@
+"""Training plans matched to the discovered groups (DESIGN §4).
+
+A ``Plan`` is data — kind, the groups it acts on, what stays in weight space and why, the
+optimizer and schedule defaults of the papers, the model's signature — plus builders:
+``plan.optimizer(model)`` returns the torch optimizer (and, for ENorm, arms the cycle that
+``plan.after_step()`` runs after each step), ``plan.scheduler(optimizer, total_steps)`` the
+learning-rate schedule. A plan applied to a model with another architecture is an error.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from passes.errors import PathfxError
+from passes.groupset import RescalingGroups
+
+KINDS = ("enorm", "gsgd", "sgd")
+
+
+class PlanMismatchError(PathfxError):
+    """A plan applied to a model it was not made for."""
+
+
+# The papers' defaults. ENorm: enorm-iclr2019 §5 (Alg. 2), §6.1 (fully connected), §6.2 (CIFAR-NV),
+# §6.3 (ImageNet ResNet-18). G-SGD + P-BN and the SGD + BN baseline: pbn-iclr2020 F.1.
+DEFAULTS = {
+    "enorm": {
+        "optimizer": {"name": "SGD", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": False},
+        "schedule": {"type": "quadratic", "final_lr": 1e-4, "batch_size": 128, "lr_grid": [0.01, 0.05, 0.1]},
+        "enorm": {"p": 2.0, "c": 1.0, "every": 1, "momentum_rescaled": True},
+        "sources": ["enorm-iclr2019 §5 Alg. 2: one ENorm cycle after each SGD step, momentum rescaled",
+                    "enorm-iclr2019 §6.2: lr in {0.01, 0.05, 0.1}, weight decay 1e-3, quadratic decay to 1e-4"],
+    },
+    "enorm-mlp": {
+        "optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.0, "weight_decay": 1e-3, "nesterov": False},
+        "schedule": {"type": "linear", "final_lr": 0.0, "batch_size": 256,
+                     "lr_grid": [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1]},
+        "enorm": {"p": 2.0, "c": 1.2, "every": 1, "momentum_rescaled": True},
+        "sources": ["enorm-iclr2019 §6.1: no momentum, batch 256, weight decay 1e-3, linear decay to 0, c = 1.2"],
+    },
+    "gsgd": {
+        "optimizer": {"name": "SGD", "lr": 0.1, "momentum": 0.0, "weight_decay": 1e-4, "nesterov": False},
+        "schedule": {"type": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1, "batch_size": 128,
+                     "lr_grid": [0.1, 0.2, 0.5, 1.0]},
+        "sources": ["pbn-iclr2020 F.1: lr searched in {0.1, 0.2, 0.5, 1.0}, path-space weight decay 1e-4, "
+                    "no momentum, batch 128, lr × 0.1 at 50% and 75% of training"],
+    },
+    "sgd": {
+        "optimizer": {"name": "SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False},
+        "schedule": {"type": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1, "batch_size": 128,
+                     "lr_grid": [0.1]},
+        "sources": ["pbn-iclr2020 F.1 (He et al. 2016): SGD + BN, lr 0.1, weight decay 1e-4, batch 128"],
+    },
+}
+
+
+@dataclass
+class Plan:
+    kind: str
+    mode: str  # the form of model the plan trains: "balance" (weights) or "path" (path values)
+    model_name: str
+    input_shape: list[int]
+    acts_on: list[dict]  # {"group", "width", "producers"} per group the plan rescales / reparameterizes
+    weight_space: list[dict]  # {"what", "reason"}: trained as plain weights
+    optimizer_settings: dict
+    schedule: dict
+    enorm: dict | None = None
+    signature: dict = field(default_factory=dict)  # {"params": {name: shape}} of the model it was made for
+    sources: list[str] = field(default_factory=list)
+
+    # -- data ---------------------------------------------------------------------------------
+    def to_json(self, **kw) -> str:
+        return json.dumps(asdict(self), **kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        if d.get("kind") not in KINDS:
+            raise PathfxError(f"not a pathfx plan (kind {d.get('kind')!r}; expected one of {', '.join(KINDS)})")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        from passes.table import table
+
+        opt = self.optimizer_settings
+        head = (f"plan {self.kind} for {self.model_name} ({self.mode} form): {opt['name']} lr {opt['lr']} "
+                f"momentum {opt['momentum']} weight decay {opt['weight_decay']}; schedule {self.schedule['type']}, "
+                f"batch {self.schedule['batch_size']}, lr grid {self.schedule['lr_grid']}")
+        if self.enorm:
+            head += f"\n  after each step: one ENorm cycle every {self.enorm['every']} step(s), p={self.enorm['p']}, " \
+                    f"c={self.enorm['c']}, momentum buffers rescaled"
+        width = sum(a["width"] for a in self.acts_on)
+        rows = [[len(self.acts_on), width, len(self.weight_space)]]
+        out = [head, table(["groups acted on", "variables", "left in weight space"], rows)]
+        if self.weight_space:
+            reasons = {}
+            for w in self.weight_space:
+                reasons[w["reason"]] = reasons.get(w["reason"], 0) + 1
+            out.append(table(["weight-space items", "reason"], [[n, r] for r, n in reasons.items()]))
+        return "\n".join(out)
+
+    # -- builders -----------------------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Raise PlanMismatchError unless ``model`` has the parameters this plan was made for."""
+        want = self.signature.get("params", {})
+        have = {n: list(p.shape) for n, p in model.named_parameters()}
+        if have == want:
+            return
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        reshaped = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 f"{len(reshaped)} with other shapes (e.g. {reshaped[0]})" if reshaped else ""]
+        raise PlanMismatchError(f"this {self.kind} plan was made for {self.model_name} ({self.mode} form); the "
+                                f"model's parameters differ: {'; '.join(p for p in parts if p)}")
+
+    def optimizer(self, model: nn.Module, example_inputs=None) -> torch.optim.Optimizer:
+        """The torch optimizer of this plan for ``model`` (checked against the plan's signature)."""
+        self.check(model)
+        s = self.optimizer_settings
+        # for gsgd the trainable weights are the path values V: weight decay acts in path space (pbn F.1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                              nesterov=s["nesterov"])
+        self._hook = None
+        if self.kind == "enorm":
+            from .optim import ENorm
+
+            x = example_inputs if example_inputs is not None else torch.randn(*self.input_shape)
+            self._hook = ENorm(model, opt, x, p=self.enorm["p"], c=self.enorm["c"], every=self.enorm["every"])
+        return opt
+
+    def after_step(self):
+        """Run what must follow each optimizer step (an ENorm cycle for ``enorm`` plans)."""
+        hook = getattr(self, "_hook", None)
+        if self.kind == "enorm":
+            if hook is None:
+                raise PathfxError("call plan.optimizer(model) before plan.after_step()")
+            return hook.step()
+        return None
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        """The learning-rate schedule over ``total_steps`` optimizer steps."""
+        s, lr0 = self.schedule, self.optimizer_settings["lr"]
+        total = max(int(total_steps), 1)
+        if s["type"] == "multistep":
+            marks = [int(m * total) for m in s["milestones"]]
+            factor = lambda t: s["gamma"] ** sum(t >= m for m in marks)  # noqa: E731
+        else:
+            power = 2.0 if s["type"] == "quadratic" else 1.0
+            end = s["final_lr"] / lr0
+            factor = lambda t: end + (1 - end) * (1 - min(t, total) / total) ** power  # noqa: E731
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups, input_shape, weight_space=(),
+              acts_on=None, name: str = "") -> Plan:
+    """The plan of ``kind`` for a transformed ``model`` whose analysis gave ``groups``."""
+    if kind not in KINDS:
+        raise PathfxError(f"unknown plan '{kind}' (plans: {', '.join(KINDS)})")
+    is_mlp = not any("conv" in g.tags for g in groups.groups)
+    d = DEFAULTS["enorm-mlp" if kind == "enorm" and is_mlp else kind]
+    if acts_on is None:
+        acts_on = [{"group": g.id, "width": g.width, "producers": [p.weight for p in g.producers]}
+                   for g in groups.groups] if kind != "sgd" else []
+    return Plan(kind=kind, mode=mode, model_name=name or groups.model_name, input_shape=list(input_shape),
+                acts_on=acts_on, weight_space=list(weight_space), optimizer_settings=dict(d["optimizer"]),
+                schedule=dict(d["schedule"]), enorm=dict(d["enorm"]) if "enorm" in d else None,
+                signature={"params": {n: list(p.shape) for n, p in model.named_parameters()}},
+                sources=list(d["sources"]))
