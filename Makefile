@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench coverage clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p out
 	$(VENV)/bin/pathfx groups resnet18
-	$(VENV)/bin/pathfx groups zoo:resnet18_typec --input-shape 1,3,32,32
+	$(VENV)/bin/pathfx transform resnet18 --mode balance --export out/resnet18_balanced.onnx \
+		--plan-out out/resnet18_enorm_plan.json --force
+	$(VENV)/bin/pathfx transform resnet18 --mode path --export out/resnet18_path.onnx \
+		--plan-out out/resnet18_gsgd_plan.json --force
 
 test: $(STAMP)
 	$(PYTEST)
@@ -27,7 +31,13 @@ test-slow: $(STAMP)
 	$(PYTEST) -m slow
 
 bench: $(STAMP)
-	$(PY) benchmarks/groups.py
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# The coverage tables of docs/: every torchvision classifier and zoo model.
+coverage: $(STAMP)
+	$(VENV)/bin/pathfx zoo --all --out docs/models_table.md --force
+	$(VENV)/bin/pathfx zoo --all --mode balance --out docs/transform_balance.md --force
+	$(VENV)/bin/pathfx zoo --all --mode path --out docs/transform_path.md --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -77,6 +77,26 @@ def row(name: str) -> dict:
     return r
 
 
+def _one(name: str, mode: str, cycles: int) -> dict:
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    return row(name) if mode == "analyze" else transform_row(name, mode, cycles)
+
+
+def isolated(name: str, mode: str, cycles: int) -> dict:
+    """One model in a fresh process: memory is returned after each model, and a crash (or the
+    out-of-memory killer) costs one row, not the sweep."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_one, name, mode, cycles).result()
+        except BrokenProcessPool:
+            return {"model": name, "traced": "-", "check": "process died (out of memory?)",
+                    "status": "process died (out of memory?)"}
+
+
 COLUMNS = ["model", "traced", "groups", "free", "frozen", "barriers", "check", "seconds"]
 TRANSFORM_COLUMNS = ["model", "groups", "free", "torch", "onnxruntime", "seconds", "status"]
 
@@ -95,12 +115,8 @@ def run(args) -> int:
     names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
     for n in names:
         zoo.lookup(n)  # unknown names fail before any work
-    if args.mode == "analyze":
-        rows = [row(n) for n in tqdm(names, desc="models", unit="model")]
-        table = markdown(rows)
-    else:
-        rows = [transform_row(n, args.mode, args.cycles) for n in tqdm(names, desc=args.mode, unit="model")]
-        table = markdown(rows, TRANSFORM_COLUMNS)
+    rows = [isolated(n, args.mode, args.cycles) for n in tqdm(names, desc=args.mode, unit="model")]
+    table = markdown(rows, COLUMNS if args.mode == "analyze" else TRANSFORM_COLUMNS)
     if args.out:
         write_atomic(args.out, table, force=args.force)
     print(table)
