@@ -274,7 +274,7 @@ class Balancer:
             else:
                 e = w.square() if p == 2 else w.abs().pow(p)
             E.append(e.reshape(lay.blocks, lay.rows, lay.cols))
-        totals = torch.stack([e.sum() for e in E])
+        totals = torch.stack([e.sum() for e in E]) if E else torch.zeros(0, dtype=dtype or torch.float64)
         if not bool(torch.isfinite(totals).all()):
             for lay, t in zip(self.weights, totals.tolist()):
                 if not np.isfinite(t):
@@ -370,7 +370,7 @@ class Balancer:
 
     def objective(self, rows: list[torch.Tensor], c: float = 1.0, p: float = 2.0):
         """(Σ|w|^p over every weight, the depth-weighted objective of the asymmetric variant or None)."""
-        per_layer = torch.stack([r.sum() for r in rows]).double()
+        per_layer = torch.stack([r.sum() for r in rows]).double() if rows else torch.zeros(0, dtype=torch.float64)
         total = float(per_layer.sum())
         if c == 1.0 or self.depth_weights is None:
             return total, None

@@ -34,7 +34,10 @@ class TransformResult:
         g = self.groups
         lines = [f"transform {g.model_name} → {self.mode} form: {len(g.groups)} groups, {g.num_free} free variables, "
                  f"{g.num_frozen} frozen, {len(g.barriers)} barriers"]
-        if self.report is not None:
+        if hasattr(self.report, "objective"):
+            r = self.report
+            lines.append(f"ENorm (p={r.p:g}, c={r.c:g}): {r.cycles} cycles, Σ|w|^p {r.before:.6g} → {r.after:.6g}")
+        elif self.report is not None:
             lines.append(str(self.report).splitlines()[0])
         if self.verification is not None:
             v = self.verification

@@ -336,3 +336,13 @@ def test_cli_prints_table_and_plots(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli(["enorm", "zoo:resnet18_typec", "--cycles", "1", "--plot", str(png)]) == 2  # exists, no --force
     assert cli(["enorm", "zoo:resnet18_typec", "--p", "0"]) == 2
+
+
+def test_a_model_without_free_groups_is_left_as_it_is():
+    import torch.nn as nn
+
+    import pathfx
+
+    m = nn.Sequential(nn.Linear(4, 3))  # its only rows are the graph output: nothing to balance
+    balanced, report = pathfx.enorm(m, torch.randn(2, 4))
+    assert report.objective == [0.0, 0.0] and torch.equal(balanced.get_parameter("0.weight"), m[0].weight)
