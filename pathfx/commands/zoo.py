@@ -27,11 +27,13 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=["analyze", "balance", "path"], default="analyze",
                    help="analyze: groups + soundness check; balance / path: transform + verify + ONNX export")
     p.add_argument("--cycles", type=int, default=10, help="balance mode: ENorm cycles per model")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="ONNX exporter (auto: dynamo, TorchScript when dynamo fails)")
     p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --out")
 
 
-def transform_row(name: str, mode: str, cycles: int) -> dict:
+def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto") -> dict:
     import tempfile
 
     t = time.perf_counter()
@@ -44,7 +46,7 @@ def transform_row(name: str, mode: str, cycles: int) -> dict:
         g = res.groups
         r.update(groups=len(g.groups), free=g.num_free, torch=f"{res.verification.max_rel:.1e}")
         with tempfile.TemporaryDirectory() as d:
-            rep = pathfx.export_onnx(res.model, f"{d}/m.onnx", x)
+            rep = pathfx.export_onnx(res.model, f"{d}/m.onnx", x, exporter=exporter)
         r.update(onnxruntime=f"{rep.max_rel:.1e}", status="ok" if g.num_free else
                  f"ok, no free group ({Counter(b.op for b in g.barriers).most_common(1)[0][0] if g.barriers else '-'})")
     except PathfxError as e:
@@ -77,12 +79,11 @@ def row(name: str) -> dict:
     return r
 
 
-def _one(name: str, mode: str, cycles: int) -> dict:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    return row(name) if mode == "analyze" else transform_row(name, mode, cycles)
+def _one(name: str, mode: str, cycles: int, exporter: str) -> dict:
+    return row(name) if mode == "analyze" else transform_row(name, mode, cycles, exporter)
 
 
-def isolated(name: str, mode: str, cycles: int) -> dict:
+def isolated(name: str, mode: str, cycles: int, exporter: str = "auto") -> dict:
     """One model in a fresh process: memory is returned after each model, and a crash (or the
     out-of-memory killer) costs one row, not the sweep."""
     import multiprocessing as mp
@@ -91,7 +92,7 @@ def isolated(name: str, mode: str, cycles: int) -> dict:
 
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         try:
-            return pool.submit(_one, name, mode, cycles).result()
+            return pool.submit(_one, name, mode, cycles, exporter).result()
         except BrokenProcessPool:
             return {"model": name, "traced": "-", "check": "process died (out of memory?)",
                     "status": "process died (out of memory?)"}
@@ -115,7 +116,7 @@ def run(args) -> int:
     names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
     for n in names:
         zoo.lookup(n)  # unknown names fail before any work
-    rows = [isolated(n, args.mode, args.cycles) for n in tqdm(names, desc=args.mode, unit="model")]
+    rows = [isolated(n, args.mode, args.cycles, args.exporter) for n in tqdm(names, desc=args.mode, unit="model")]
     table = markdown(rows, COLUMNS if args.mode == "analyze" else TRANSFORM_COLUMNS)
     if args.out:
         write_atomic(args.out, table, force=args.force)
