@@ -230,14 +230,13 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
 
     groups, frozen = [], []
     counted: dict[int, Frozen] = {}  # a frozen variable spanning producers of several groups counts once
-    var_of: dict[int, tuple[int, int]] = {}  # class -> (group id, var index)
-    group_of = np.full(len(comp), NO_VAR)  # the same, as arrays indexed by class label
+    group_of = np.full(len(comp), NO_VAR)  # class label -> group id / variable index
     index_of = np.full(len(comp), NO_VAR)
     for members in components.values():  # in order of their first layer
         labels = np.concatenate([comp[layers[i].out_ids] for i in members])
         labels = labels[labels != fixed_label]
         _, first = np.unique(labels, return_index=True)
-        order = {int(c): j for j, c in enumerate(labels[np.sort(first)])}  # first appearance order
+        order = labels[np.sort(first)]  # the group's classes, in order of first appearance
         frozen_here = defaultdict(set)
         for i in members:
             ids = layers[i].out_ids
@@ -253,12 +252,10 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
                 entry = Frozen(layers=sorted({w for p, w in items if p in new}), count=len(new), reason=reason)
                 frozen.append(entry)
                 counted.update((p, entry) for p in new)
-        if not order:
+        if not len(order):
             continue
         gid = len(groups)
-        for c, j in order.items():
-            var_of[c] = (gid, j)
-            group_of[c], index_of[c] = gid, j
+        group_of[order], index_of[order] = gid, np.arange(len(order))
         prods = [Producer(node=layers[i].node, weight=layers[i].weight, bias=layers[i].bias, kind=layers[i].kind,
                           out_vars=index_of[comp[layers[i].out_ids]].tolist()) for i in members]
         tags = set()
@@ -281,8 +278,8 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
 
     for node_name, tag, ids in ctx.events:
         for c in np.unique(comp[np.unique(ids)]):
-            if int(c) in var_of:
-                g = groups[var_of[int(c)][0]]
+            if group_of[c] >= 0:
+                g = groups[group_of[c]]
                 if not g.passthrough or g.passthrough[-1] != node_name:
                     g.passthrough.append(node_name)
                 if tag and tag not in g.tags:

@@ -184,7 +184,20 @@ class _Solver:
 
     def bases(self, plan: ReparamPlan) -> None:
         red_at = {(w, idx): key for key, (w, idx) in plan.reds.items()}
+        red_in_row: dict[tuple[str, int], list] = {}
+        for (rw, ridx) in red_at:
+            red_in_row.setdefault((rw, ridx[0]), []).append(ridx[1:])
+        first_row: dict[int, dict] = {}  # gid -> {variable: (first producer writing it, its first row)}
         memo: dict = {}
+
+        def producer_row(gid, k):
+            if gid not in first_row:
+                rows: dict = {}
+                for p in self.groups[gid].producers:
+                    for r, v in enumerate(p.out_vars):
+                        rows.setdefault(v, (p, r))
+                first_row[gid] = rows
+            return first_row[gid][k]
 
         def entry_channel(weight, idx):
             w = self.w[weight]
@@ -211,8 +224,7 @@ class _Solver:
             if key in memo:
                 return memo[key]
             gid, k = key
-            p = next(p for p in self.groups[gid].producers if k in p.out_vars)
-            row = p.out_vars.index(k)
+            p, row = producer_row(gid, k)
             w = self.w[p.weight]
             ref = None
             if p.kind != "affine":
@@ -224,9 +236,8 @@ class _Solver:
                     ref = (p.weight, int(np.ravel_multi_index(idx, w.shape)))
                 else:  # the largest non-red entry of the row
                     mag = np.abs(w[row]).copy()
-                    for (rw, ridx) in red_at:
-                        if rw == p.weight and ridx[0] == row:
-                            mag[ridx[1:]] = 0
+                    for rest in red_in_row.get((p.weight, row), ()):
+                        mag[rest] = 0
                     if mag.any():
                         j = np.unravel_index(int(np.argmax(mag)), mag.shape)
                         ref = (p.weight, int(np.ravel_multi_index((row,) + tuple(j), w.shape)))
@@ -238,6 +249,14 @@ class _Solver:
         for gid in plan.selected:
             for k in range(self.groups[gid].width):
                 plan.basis[(gid, k)] = basis((gid, k))
+
+
+def reds_by_weight(entries) -> dict[str, tuple]:
+    """{weight: index tuple of LongTensors} for an iterable of (weight, entry index) pairs."""
+    out: dict[str, list] = {}
+    for weight, idx in entries:
+        out.setdefault(weight, []).append(idx)
+    return {w: tuple(torch.as_tensor(np.asarray(c, dtype=np.int64)) for c in zip(*idx)) for w, idx in out.items()}
 
 
 @torch.no_grad()
@@ -255,8 +274,9 @@ def solve(groups: RescalingGroups, policy: str = "per-block"):
             sum(solver.groups[g].width for g in lost)
     solver.selected = set(plan.selected)
     apply_factors(module, groups, {g: plan.factors[g] for g in plan.selected})
-    for weight, idx in plan.reds.values():  # exact ±1, not 1 ± an ulp
-        w = module.get_parameter(weight)
+    params = dict(module.named_parameters())
+    for weight, idx in reds_by_weight(plan.reds.values()).items():  # exact ±1, not 1 ± an ulp
+        w = params[weight]
         w[idx] = torch.sign(w[idx])
     solver.w = {n: p.detach().numpy() for n, p in module.named_parameters()}
     solver.bases(plan)

@@ -35,7 +35,7 @@ from passes.fold_bn import BATCHNORMS, fold_bn
 from passes.groups import analyze
 from passes.groupset import in_channel_index
 from passes.pbn import insert_pbn
-from passes.reparam import STREAM_TAGS, solve
+from passes.reparam import STREAM_TAGS, reds_by_weight, solve
 from passes.shapes import as_tuple, propagate
 from passes.soundness import outputs, rel_error
 from passes.trace import trace
@@ -151,9 +151,7 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
                            variables=sum(g.width for g in sel), red_weights=len(plan.reds),
                            no_red=len(plan.dead), weight_space=plan.weight_space)
     rparams = dict(rmod.named_parameters())
-    reds_of: dict[str, list] = {}
-    for w, idx in plan.reds.values():
-        reds_of.setdefault(w, []).append(idx)
+    reds_of = reds_by_weight(plan.reds.values())
     paths: dict[str, PathLayer] = {}
     links = {}
     with torch.no_grad():
@@ -165,9 +163,9 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
             bvals = torch.tensor([1.0] + [solver._value_of_ref((w, int(i))) for w, idx in sources for i in idx],
                                  dtype=torch.float64)
             red = torch.zeros_like(u)
-            for idx in reds_of.get(weight, []):
-                red[idx] = u[idx]
-            base = copy.deepcopy(old)
+            if weight in reds_of:
+                red[reds_of[weight]] = u[reds_of[weight]]
+            base = copy.deepcopy(old, {id(old.weight): None})  # the weight is replaced by V: not copied
             bias = rparams.get(f"{name}.bias")
             if name in bn_after:
                 base.bias = None
