@@ -270,16 +270,24 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
             continue
         seen.add(lay.weight)
         labels = comp[lay.in_ids]
-        touched = np.unique(group_of[labels])
-        for gid in touched[touched >= 0].tolist():
-            in_vars = np.where(group_of[labels] == gid, index_of[labels], NO_VAR).tolist()
+        gl, il = group_of[labels], index_of[labels]
+        by_group = np.argsort(gl, kind="stable")  # input channels sorted by their group
+        bounds = np.searchsorted(gl[by_group], np.unique(gl), side="right")
+        start = 0
+        for gid, end in zip(np.unique(gl).tolist(), bounds.tolist()):
+            sel, start = by_group[start:end], end
+            if gid < 0:
+                continue
+            in_vars = np.full(len(labels), NO_VAR)
+            in_vars[sel] = il[sel]
+            in_vars = in_vars.tolist()
             groups[gid].consumers.append(Consumer(node=lay.node, weight=lay.weight, kind=lay.kind,
                                                   conv_groups=lay.groups, in_vars=in_vars))
 
     for node_name, tag, ids in ctx.events:
-        for c in np.unique(comp[np.unique(ids)]):
-            if group_of[c] >= 0:
-                g = groups[group_of[c]]
+        for gid in np.unique(group_of[comp[np.unique(ids)]]).tolist():
+            if gid >= 0:
+                g = groups[gid]
                 if not g.passthrough or g.passthrough[-1] != node_name:
                     g.passthrough.append(node_name)
                 if tag and tag not in g.tags:

@@ -146,17 +146,17 @@ def _inplace(node, modules) -> bool:
     return node.target in _INPLACE or bool(flag)
 
 
-def _later_users(node):
-    after, n = set(), node.next
-    while n.op != "root":
-        after.add(n)
-        n = n.next
-    return lambda user: user in after
+def _later_users(node, position):
+    """Users placed after ``node``; ``position`` numbers the original nodes (new ones come right
+    after the node they replace, so only original nodes can be later users)."""
+    here = position[node]
+    return lambda user: position.get(user, -1) > here
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     g = gm.graph
     modules = dict(gm.named_modules())
+    position = {n: i for i, n in enumerate(g.nodes)}
     for node in list(g.nodes):
         new = None
         if node.op == "call_module":
@@ -185,7 +185,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             x = node.args[0]
             if _inplace(node, modules) and isinstance(x, fx.Node):
                 # the rewrite is out of place: reads of the mutated tensor after it read the new value
-                x.replace_all_uses_with(new, delete_user_cb=_later_users(new))
+                x.replace_all_uses_with(new, delete_user_cb=_later_users(node, position))
             node.replace_all_uses_with(new)
             g.erase_node(node)
     g.eliminate_dead_code()
