@@ -31,8 +31,7 @@ def run(args) -> int:
     options = {k: v for k, v in (("policy", args.policy), ("cycles", args.cycles)) if v is not None}
     result = pathfx.transform(model, x, mode=args.mode, plan=args.plan, name=name, **options)
     print(result)
-    print()
-    print(result.plan)
+    print("\n".join(str(result.plan).splitlines()[1:]))  # its first line is in the summary
     code = 0
     if args.plan_out:
         write_atomic(args.plan_out, result.plan.to_json(indent=1), force=args.force)
