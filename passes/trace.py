@@ -78,9 +78,9 @@ def trace(model: nn.Module, leaf_modules=(), copy_model: bool = True) -> fx.Grap
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(f"cannot trace {what}: {msg}{line}{hint}") from None
     name = type(root).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
-    normalize(gm)
-    return gm
+    graph.owning_module = tracer.root  # dead-code elimination asks the module whether calls are pure
+    _normalize_graph(graph, dict(tracer.root.named_modules()))
+    return fx.GraphModule(tracer.root, graph, name)  # compiles the normalised graph once
 
 
 # -- spelling normalisation -------------------------------------------------------------------
@@ -154,8 +154,13 @@ def _later_users(node, position):
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
-    g = gm.graph
-    modules = dict(gm.named_modules())
+    """Normalise the op spellings of ``gm``'s graph in place and recompile it."""
+    _normalize_graph(gm.graph, dict(gm.named_modules()))
+    gm.recompile()
+    return gm
+
+
+def _normalize_graph(g: fx.Graph, modules: dict) -> None:
     position = {n: i for i, n in enumerate(g.nodes)}
     for node in list(g.nodes):
         new = None
@@ -189,6 +194,3 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(new)
             g.erase_node(node)
     g.eliminate_dead_code()
-    g.lint()
-    gm.recompile()
-    return gm
