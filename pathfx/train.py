@@ -1,0 +1,234 @@
+"""Training harness: one of the four methods of the papers on a model and a dataset, on CPU.
+
+Methods (what is trained, and by which plan):
+
+* ``sgd``: the model as built, with its conventional BatchNorms, by plain SGD + momentum (plan ``sgd``).
+* ``enorm``: ``transform(mode="balance", plan="enorm")``, then SGD with one ENorm cycle after every step.
+  The balanced model has its BatchNorms folded into the layers before them, so it trains without BN
+  (enorm-iclr2019 trains without BN except one after the last layer; here there is none at all).
+* ``gsgd``: ``transform(mode="path", plan="gsgd", init="paper")``: SGD on the path values with P-BN.
+* ``gsgd-bn``: G-SGD with conventional BatchNorm, the ablation of pbn-iclr2020. ``transform`` always
+  fuses P-BN (its ``path`` pipeline ends with the ``pbn`` pass), so this runs ``reparameterize(pbn=False,
+  init="paper")`` and makes the ``gsgd`` plan for the result with ``make_plan``.
+
+``init="paper"`` re-initializes the model for training from scratch, so the rewritten model is not the
+original function: those transforms run with ``verify=False``.
+
+A seed fixes the model initialisation, the data order and the augmentation.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from passes.errors import InputError
+
+from .data import Data, load, random_crop_flip
+
+METHODS = ("sgd", "enorm", "gsgd", "gsgd-bn")
+COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "lr")
+
+
+@dataclass
+class TrainResult:
+    rows: list[dict]  # one per finished epoch, keys COLUMNS
+    seconds_per_step: float
+    test_error: float | None  # of the last finished epoch; None if none finished
+    settings: dict
+    stopped: str = ""  # why training stopped early ("" if it ran to the end)
+    steps: int = 0
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.stopped
+
+    def to_csv(self) -> str:
+        lines = [",".join(COLUMNS)]
+        for r in self.rows:
+            lines.append(",".join(str(r["epoch"]) if c == "epoch" else f"{r[c]:.6g}" for c in COLUMNS))
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("model")
+        return d
+
+
+def build_model(name: str, width: int | None = None) -> nn.Module:
+    import zoo
+
+    return zoo.build(name, **({"width": width} if width is not None else {}))
+
+
+def prepare(model: nn.Module, method: str, x: torch.Tensor, name: str = ""):
+    """(model to train, its plan) for ``method``; ``model`` itself is not modified."""
+    import pathfx
+    from .plan import make_plan
+
+    if method == "sgd":
+        groups = pathfx.find_groups(model, x, name=name)
+        return copy.deepcopy(model), make_plan("sgd", "balance", model, groups, tuple(x.shape), name=name)
+    if method == "enorm":
+        r = pathfx.transform(model, x, mode="balance", plan="enorm", name=name)
+        return r.model, r.plan
+    if method == "gsgd":
+        r = pathfx.transform(model, x, mode="path", plan="gsgd", init="paper", verify=False, name=name)
+        return r.model, r.plan
+    if method == "gsgd-bn":
+        groups = pathfx.find_groups(model, x, name=name)
+        gm, report = pathfx.reparameterize(model, x, pbn=False, init="paper")
+        chosen = set(report.reparameterized_groups)
+        acts_on = [{"group": g.id, "width": g.width, "producers": [p.weight for p in g.producers]}
+                   for g in groups.groups if g.id in chosen]
+        weight_space = [{"what": f"{n} variables", "reason": r} for r, n in report.weight_space.items()]
+        return gm, make_plan("gsgd", "path", gm, groups, tuple(x.shape), weight_space, acts_on, name)
+    raise InputError(f"unknown method '{method}' (methods: {', '.join(METHODS)})")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode."""
+    model.eval()
+    loss = correct = n = 0
+    for x, y in loader:
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+def train(model_name_or_module, method: str, data, epochs: int, batch_size: int | None = None,
+          lr: float | None = None, seed: int = 0, width: int | None = None, progress: bool = True, log=None,
+          max_steps: int | None = None, augment: bool | None = None, cifar_dir: str | None = None) -> TrainResult:
+    """Train with ``method`` (sgd | enorm | gsgd | gsgd-bn) for ``epochs`` epochs on ``data`` (a ``Data`` or a
+    dataset name: digits | synthetic | cifar10, the images shaped as the model's input).
+
+    The plan gives the optimizer, the schedule over all steps, the batch size and the learning rate unless
+    ``batch_size`` / ``lr`` override them. ``width`` goes to the zoo builder. ``log(row)`` is called after each
+    epoch. ``max_steps`` caps the optimizer steps (short test runs). ``augment``: random crops (pad 4) and
+    flips, by default for cifar10 only. A non-finite loss stops training; ``result.stopped`` says where.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method '{method}' (methods: {', '.join(METHODS)})")
+    if epochs < 1:
+        raise InputError(f"epochs must be at least 1 (got {epochs})")
+    name = model_name_or_module if isinstance(model_name_or_module, str) else type(model_name_or_module).__name__
+    torch.manual_seed(seed)
+    if isinstance(model_name_or_module, str):
+        import zoo
+
+        shape = zoo.lookup(model_name_or_module).input_shape
+        model = build_model(model_name_or_module, width)
+    else:
+        model, shape = model_name_or_module, None
+    if not isinstance(data, Data):
+        data = load(data, shape=tuple(shape[1:]) if shape else None, root=cifar_dir, seed=seed)
+    x = data.train[0][:1].clone()
+    torch.manual_seed(seed)  # the paper init of the path methods draws from the global generator
+    model, plan = prepare(model, method, x, name)
+    opt_settings = dict(plan.optimizer_settings)
+    batch_size = batch_size or plan.schedule["batch_size"]
+    if lr is not None:
+        plan.optimizer_settings["lr"] = lr
+    opt = plan.optimizer(model, x)
+    per_epoch = math.ceil(len(data.train[1]) / batch_size)
+    total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
+    sched = plan.scheduler(opt, total)
+    train_loader, test_loader = data.loaders(batch_size, seed)
+    augment = data.name == "cifar10" if augment is None else augment
+    gen = torch.Generator().manual_seed(seed + 1)
+    settings = {"model": name, "method": method, "data": data.name, "epochs": epochs, "batch_size": batch_size,
+                "lr": plan.optimizer_settings["lr"], "momentum": opt_settings["momentum"],
+                "weight_decay": opt_settings["weight_decay"], "schedule": plan.schedule["type"], "seed": seed,
+                "width": width, "augment": augment, "max_steps": max_steps,
+                "input_shape": list(data.input_shape), "train_size": len(data.train[1]),
+                "test_size": len(data.test[1])}
+    result = TrainResult([], 0.0, None, settings, model=model)
+    step, step_seconds = 0, 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loss_sum = correct = seen = 0
+        lr_now = opt.param_groups[0]["lr"]
+        bar = _bar(train_loader, progress, f"{method} epoch {epoch}/{epochs}")
+        start = time.perf_counter()
+        for xb, yb in bar:
+            if step >= total:
+                break
+            if augment:
+                xb = random_crop_flip(xb, gen, pad=4)
+            t = time.perf_counter()
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            if not torch.isfinite(loss):
+                result.stopped = (f"loss is {loss.item()} at epoch {epoch}, step {step + 1} (lr {lr_now:g}): training "
+                                  "diverged; try a smaller --lr")
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            plan.after_step()
+            sched.step()
+            step_seconds += time.perf_counter() - t
+            step += 1
+            loss_sum += loss.item() * len(yb)
+            correct += (out.argmax(1) == yb).sum().item()
+            seen += len(yb)
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        if progress:
+            bar.close()
+        if result.stopped or seen == 0:
+            break
+        test_loss, test_acc = evaluate(model, test_loader)
+        if not math.isfinite(test_loss):
+            result.stopped = f"test loss is {test_loss} after epoch {epoch}: training diverged; try a smaller --lr"
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen, "test_loss": test_loss,
+               "test_acc": test_acc, "seconds": time.perf_counter() - start, "lr": lr_now}
+        result.rows.append(row)
+        if log is not None:
+            log(row)
+        if result.stopped or step >= total:
+            break
+    result.steps = step
+    result.seconds_per_step = step_seconds / max(step, 1)
+    result.test_error = 1.0 - result.rows[-1]["test_acc"] if result.rows else None
+    return result
+
+
+def _bar(loader, progress: bool, desc: str):
+    if not progress:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def plot(results: dict, path_or_file) -> None:
+    """Loss and accuracy curves (train dashed, test solid) of ``{label: TrainResult}`` as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, r in results.items():
+        ep = [row["epoch"] for row in r.rows]
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            line, = ax.plot(ep, [row[f"test_{key}"] for row in r.rows], marker="o", label=f"{label} test")
+            ax.plot(ep, [row[f"train_{key}"] for row in r.rows], "--", color=line.get_color(), label=f"{label} train")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_or_file, format="png", dpi=100)
+    plt.close(fig)
