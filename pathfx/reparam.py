@@ -203,12 +203,20 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
 @torch.no_grad()
 def _paper_init(gm: fx.GraphModule, paths) -> None:
     """Fresh weights for training from scratch: He normal u, times 0.1 off the red entries of a layer that
-    has them (V = u · b, in graph order so upstream bases are final first); biases 0; BN γ = 1, β = 0.
+    has them; biases 0; BN γ = 1, β = 0. Entries whose |V| is a downstream basis value get |V| = 1: were
+    they small random values too, the bases would shrink geometrically along the skeleton and the
+    gradients w.r.t. V (∝ 1/b) explode. So every basis value is 1 and u = V at the start.
     The rescaled model's own weights are no starting point: the scale solve multiplies each layer's
     rows by products of red weights along the path to the output, vanishing in a deep net."""
+    sources = {id(layer): torch.zeros(layer.V.numel(), dtype=torch.bool) for layer in paths.values()}
     for layer in paths.values():
+        for i, src in enumerate(layer._sources):
+            sources[id(src)][getattr(layer, f"src_index{i}")] = True
+    for layer in paths.values():  # graph order: upstream bases are final first
         fan_in = layer.red[0].numel()
         u = torch.randn_like(layer.V) * math.sqrt(2.0 / fan_in) * (0.1 if layer.has_red else 1.0)
+        is_source = sources[id(layer)].view_as(u)
+        u = torch.where(is_source, torch.where(u < 0, -1.0, 1.0).to(u.dtype), u)
         layer.V.copy_(u * layer.basis()[layer.col_slot] * layer.free)
         if layer.bias is not None:
             layer.bias.zero_()

@@ -210,3 +210,23 @@ def test_densenet121_preserved():
 def test_bad_policy():
     with pytest.raises(pathfx.PathfxError):
         pathfx.reparameterize(mlp((3, 3, 3), 0), torch.randn(1, 3, dtype=torch.float64), policy="sideways")
+
+
+def test_paper_init_keeps_every_basis_at_one_and_gradients_bounded():
+    # Small random basis entries would make the bases shrink geometrically along the skeleton
+    # and the gradients w.r.t. V (which scale as 1/b) explode at the first step.
+    import torch.nn.functional as F
+
+    from pathfx.nn import PathLayer
+
+    torch.manual_seed(0)
+    model = zoo.build("plainnet18", width=8)
+    x = torch.randn(16, 3, 32, 32)
+    path, _ = pathfx.reparameterize(model, x[:1], init="paper")
+    for m in path.modules():
+        if isinstance(m, PathLayer):
+            assert torch.allclose(m.basis(), torch.ones_like(m.basis()))
+    path.train()
+    F.cross_entropy(path(x), torch.randint(0, 10, (16,))).backward()
+    norm = sum(p.grad.norm() ** 2 for p in path.parameters() if p.grad is not None) ** 0.5
+    assert torch.isfinite(norm) and norm < 1e3, norm
