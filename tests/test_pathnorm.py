@@ -110,3 +110,18 @@ def test_invariant_under_enorm_and_reparameterization():
         path_model, report = pathfx.reparameterize(model, x, policy=policy)
         assert report.path_layers
         assert path_norm(path_model, (1, 3, 32, 32)) == pytest.approx(before, rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["balance", "path"])
+@pytest.mark.parametrize("name, shape", [("resnet18", (1, 3, 32, 32)), ("resnet18_typec", (1, 3, 32, 32)),
+                                         pytest.param("vgg11", (1, 3, 32, 32), marks=pytest.mark.slow)])
+def test_invariant_under_transform(name, shape, mode):
+    import pathfx
+
+    torch.manual_seed(0)
+    model = zoo.build(name).double().eval()  # a float64 model gets its transform back in float64
+    x = torch.randn(*shape, dtype=torch.float64)
+    result = pathfx.transform(model, x, mode=mode, **({"cycles": 3} if mode == "balance" else {}))
+    before = path_norm(model, shape)
+    after = path_norm(result.model, shape)
+    assert abs(after - before) <= 1e-10 * before, (before, after)
