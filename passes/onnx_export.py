@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError, PathfxError
+from .files import temp_beside
 from .shapes import as_tuple
 from .verify import Verification, compare, random_like, run_checked
 
@@ -220,19 +221,7 @@ def torch_runner(model: nn.Module) -> Callable:
 
 
 def _open_temp(path: str, overwrite: bool) -> str:
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"output file '{path}' exists (use overwrite=True, CLI --force, to replace it)")
-    if os.path.isdir(path):
-        raise InputError(f"output path '{path}' is a directory")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write '{path}': directory '{directory}' does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pathfx-", suffix=".onnx.tmp")
-    except OSError as e:
-        raise InputError(f"cannot write '{path}': directory '{directory}' is not writable ({e.strerror})") from None
-    os.close(fd)
-    return tmp
+    return temp_beside(path, overwrite, suffix=".onnx.tmp")
 
 
 def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True, overwrite: bool = False,

@@ -1,12 +1,10 @@
 """What several subcommands share: naming a model and building its example input."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 
 from passes.errors import InputError
+from passes.files import write_atomic  # noqa: F401 - the commands' one way to write files
 
 
 def add_model_arguments(p) -> None:
@@ -36,27 +34,3 @@ def load_model(args):
     if shape is None:
         raise InputError(f"model '{args.model}' has no default input shape: pass --input-shape")
     return model, torch.randn(*shape), entry.name
-
-
-def write_atomic(path: str, data, force: bool = False, binary: bool = False) -> None:
-    """Write to a temporary file in the target directory, then rename; refuse to overwrite without force."""
-    if os.path.exists(path) and not force:
-        raise InputError(f"output file '{path}' exists (use --force to overwrite)")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"cannot write '{path}': directory '{directory}' does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pathfx-", suffix=".tmp")
-    except OSError as e:
-        raise InputError(f"cannot write '{path}': {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

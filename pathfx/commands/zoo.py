@@ -33,15 +33,18 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out")
 
 
+def _build(name: str):
+    torch.manual_seed(0)
+    return zoo.build(name).eval(), torch.randn(*zoo.lookup(name).input_shape)
+
+
 def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto") -> dict:
     import tempfile
 
     t = time.perf_counter()
     r = {"model": name}
     try:
-        torch.manual_seed(0)
-        model = zoo.build(name).eval()
-        x = torch.randn(*zoo.lookup(name).input_shape)
+        model, x = _build(name)
         res = pathfx.transform(model, x, mode=mode, name=name, **({"cycles": cycles} if mode == "balance" else {}))
         g = res.groups
         r.update(groups=len(g.groups), free=g.num_free, torch=f"{res.verification.max_rel:.1e}")
@@ -59,9 +62,7 @@ def row(name: str) -> dict:
     t = time.perf_counter()
     r = {"model": name}
     try:
-        torch.manual_seed(0)
-        model = zoo.build(name).eval()
-        x = torch.randn(*zoo.lookup(name).input_shape)
+        model, x = _build(name)
         g = pathfx.find_groups(model, x, name=name)
         top = Counter(b.op for b in g.barriers).most_common(3)
         r.update(traced="yes", groups=len(g.groups), free=g.num_free, frozen=g.num_frozen,
