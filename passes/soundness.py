@@ -14,8 +14,11 @@ from .groupset import RescalingGroups, apply_factors
 
 
 @torch.no_grad()
-def lively_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-initialise so that signal survives depth (He-normal weights, random BN statistics).
+def lively_init(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:
+    """Re-initialise so that signal survives depth (normal weights of variance gain/fan-in, random BN
+    statistics). gain 1 keeps deep SiLU/sigmoid networks (EfficientNet) from growing to outputs
+    of 1e4 and more, where float64 cancellation alone exceeds the check's 1e-10; gain 2 (He)
+    did that on efficientnet_b7 (2.7e-8) although power-of-two factors gave exactly 0.
 
     Several torchvision initialisations make deep outputs almost independent of the input
     (e.g. googlenet's truncated normal with std 0.01): a rescaling check on such a model
@@ -25,7 +28,7 @@ def lively_init(model: nn.Module, seed: int = 0) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, LAYERS):
             fan_in = mod.weight[0].numel()
-            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (gain / fan_in) ** 0.5)
             if mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
         elif isinstance(mod, ChannelAffine):
