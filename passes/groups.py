@@ -13,7 +13,6 @@ import networkx as nx
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 

@@ -19,7 +19,6 @@ import copy
 import io
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .groupset import Consumer, RescalingGroups, apply_factors, in_channel_index
+from .groupset import Consumer, RescalingGroups, apply_factors
 
 STREAM_TAGS = ("identity-skip", "learned-skip")
 POLICIES = ("per-block", "global")

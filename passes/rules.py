@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fold_bn import ChannelAffine
-from .slots import FIXED, NON_TENSOR, along, channel_ids, compress, fixed, is_free, only_along, right_align
+from .slots import along, channel_ids, compress, fixed, is_free, only_along, right_align
 
 RULES: dict = {}
 

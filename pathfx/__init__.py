@@ -3,20 +3,18 @@ from zoo._torchvision import torchvision as _torchvision
 
 _torchvision()  # so that a plain `import torchvision` after `import pathfx` works on CPU-only torch
 
-from passes.errors import PathfxError, ShapeError, TraceError
-from passes.groupset import RescalingGroups
-
-from .analysis import find_groups
-
-__all__ = ["find_groups", "RescalingGroups", "PathfxError", "TraceError", "ShapeError"]
-from .balance import enorm  # noqa: E402
-from . import optim  # noqa: E402
-
-__all__ += ["enorm", "optim"]
-from .reparam import ReparamReport, reparameterize  # noqa: E402
-from passes.verify import Verification, verify  # noqa: E402
+from passes.errors import PathfxError, ShapeError, TraceError, VerificationError  # noqa: E402
+from passes.groupset import RescalingGroups  # noqa: E402
 from passes.onnx_export import ExportReport, export_onnx, onnx_op_counts  # noqa: E402
+from passes.verify import Verification, verify  # noqa: E402
+
+from . import optim  # noqa: E402
+from .analysis import find_groups  # noqa: E402
+from .balance import enorm  # noqa: E402
 from .plan import Plan, PlanMismatchError  # noqa: E402
+from .reparam import ReparamReport, reparameterize  # noqa: E402
 from .transform import TransformResult, transform  # noqa: E402
 
-__all__ += ["transform", "TransformResult", "Plan", "PlanMismatchError"]
+__all__ = ["find_groups", "RescalingGroups", "enorm", "optim", "reparameterize", "ReparamReport", "transform",
+           "TransformResult", "Plan", "PlanMismatchError", "verify", "Verification", "export_onnx", "ExportReport",
+           "onnx_op_counts", "PathfxError", "TraceError", "ShapeError", "VerificationError"]

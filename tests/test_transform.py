@@ -1,8 +1,6 @@
 """pathfx.transform, the plans it emits, and the transform CLI."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -123,8 +121,6 @@ def test_ten_steps_of_each_plan_on_digits_reduce_the_loss(mode, kind):
 
 
 def test_enorm_plan_after_step_keeps_the_model_balanced():
-    from passes.enorm import Balancer  # noqa: F401 - the objective comes from the hook's report
-
     data = digits()
     r = pathfx.transform(small_cnn(seed=2, bn=False), torch.randn(1, 1, 8, 8), mode="balance", cycles=50)
     m = r.model
