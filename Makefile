@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
-.PHONY: setup demo test test-slow bench coverage clean
+.PHONY: setup demo test test-slow bench coverage experiments clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,12 @@ bench: $(STAMP)
 # The coverage tables of docs/: every torchvision classifier and zoo model.
 coverage: $(STAMP)
 	$(VENV)/bin/pathfx zoo --all --out docs/models_table.md --force
-	$(VENV)/bin/pathfx zoo --all --mode balance --out docs/transform_balance.md --force
-	$(VENV)/bin/pathfx zoo --all --mode path --out docs/transform_path.md --force
+	$(VENV)/bin/pathfx zoo --all --mode balance --size 64 --exporter torchscript --out docs/transform_balance.md --force
+	$(VENV)/bin/pathfx zoo --all --mode path --size 64 --exporter torchscript --out docs/transform_path.md --force
+
+# The reproduction report docs/experiments.md and its figures in docs/experiments/ (about 15–25 min on one thread).
+experiments: $(STAMP)
+	$(VENV)/bin/pathfx experiments --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -21,6 +21,9 @@ def temp_beside(path: str, overwrite: bool = False, suffix: str = ".tmp") -> str
     except OSError as e:
         raise InputError(f"cannot write '{path}': directory '{directory}' is not writable ({e.strerror})") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; the renamed file gets a plain file's mode
     return tmp
 
 

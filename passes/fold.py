@@ -28,12 +28,13 @@ def _plain(base: nn.Module, weight: torch.Tensor, bias) -> nn.Module:
 def fold(path_model: fx.GraphModule, fold_batchnorm: bool = True) -> fx.GraphModule:
     """A copy of ``path_model`` (eval mode) with only plain Conv/Linear layers; the eval output is unchanged."""
     gm = copy.deepcopy(path_model).eval()
-    done = []
+    done, pbn = [], []
     for name, mod in list(gm.named_modules()):
         if any(name.startswith(d + ".") for d in done):
             continue
         if isinstance(mod, PBN):
             new = _plain(mod.layer.base, *mod.folded())
+            pbn.append(name)
         elif isinstance(mod, PathLayer):
             new = _plain(mod.base, mod.weight, mod.bias)
         else:
@@ -43,5 +44,7 @@ def fold(path_model: fx.GraphModule, fold_batchnorm: bool = True) -> fx.GraphMod
         done.append(name)
     gm.recompile()
     if fold_batchnorm:
-        gm, _ = fold_bn(gm, inplace=True)
+        # a P-BN's layer carries its BN: a BN after it stays an affine, as in the original's fold,
+        # so that what is computed from the fold (the path-norm's bias paths) matches the original's
+        gm, _ = fold_bn(gm, inplace=True, absorbed=pbn)
     return gm

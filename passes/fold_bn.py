@@ -52,13 +52,19 @@ def _bn_scale_shift(bn: nn.Module):
 
 
 @torch.no_grad()
-def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    """A copy of ``layer`` with ``bn`` folded in; the original (maybe the caller's) is not touched."""
+def _folded(layer: nn.Module, bn: nn.Module, reuse: bool = False) -> nn.Module:
+    """A copy of ``layer`` with ``bn`` folded in; the original (maybe the caller's) is not touched,
+    unless ``reuse``: then ``layer`` itself is rewritten, and no second copy of its weight exists."""
     a, shift = _bn_scale_shift(bn)  # the per-channel vectors in float64, the weight in its own dtype
     w = layer.weight
-    out = copy.copy(layer)
-    out._parameters = dict(layer._parameters)
-    out.weight = nn.Parameter(w * a.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1)), w.requires_grad)
+    scale = a.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
+    if reuse:
+        out = layer
+        w.mul_(scale)
+    else:
+        out = copy.copy(layer)
+        out._parameters = dict(layer._parameters)
+        out.weight = nn.Parameter(w * scale, w.requires_grad)
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
     out.bias = nn.Parameter((b * a + shift).to(w.dtype), w.requires_grad)
     return out
@@ -76,17 +82,27 @@ def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
         (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == bn.num_features
 
 
-def fold_bn(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, FoldReport]:
+def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = False,
+            absorbed=()) -> tuple[fx.GraphModule, FoldReport]:
     """Fold eval-mode BatchNorms of ``gm`` (a copy unless ``inplace``).
 
     Even in place, no module object is mutated: folded layers and affines are new modules
     set into ``gm``'s own hierarchy, so leaves shared with a caller's model stay as they were.
+    ``reuse_layers`` (with ``inplace``): a layer whose output feeds only its BatchNorm is
+    rewritten in place instead, for a caller that owns every leaf and no longer needs the
+    unfolded function (a large model then never holds two copies of its conv weights).
+    ``absorbed``: layers that carry a BatchNorm already (a P-BN folded back): a BN after one is an
+    affine, as it was when the model was first folded.
     """
     if not inplace:
         gm = copy.deepcopy(gm)
     report = FoldReport()
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    # Layers that took a BN already. A BN after that BN reads the layer's node once the first is
+    # erased, but in the model it follows a BN: folding it too would fold into the stale module
+    # and drop the first BN. It is an affine, as every BN that does not follow a layer.
+    absorbed = set(absorbed)
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -95,10 +111,12 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, 
             continue
         src = node.args[0]
         layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if _foldable(bn, layer) and not src.kwargs and len(src.args) == 1:
-            fused = _folded(layer, bn)
-            if len(src.users) == 1 and calls[src.target] == 1:
+        if _foldable(bn, layer) and not src.kwargs and len(src.args) == 1 and src.target not in absorbed:
+            alone = len(src.users) == 1 and calls[src.target] == 1
+            fused = _folded(layer, bn, reuse=inplace and reuse_layers and alone)
+            if alone:
                 _set_module(gm, src.target, fused)
+                absorbed.add(src.target)
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
                 report.folded.append((src.target, node.target))

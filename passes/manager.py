@@ -15,6 +15,9 @@ State keys used by the standard passes:
   enorm_report    passes.enorm.ENormReport (``gm`` is then the balanced module)
   reparam_report  pathfx.reparam.ReparamReport (``gm`` is then the path model)
   pbn_layers      the (layer, BatchNorm) pairs fused into P-BN
+  owned           True when the caller hands ``model`` over (``transform``'s own float64 copy): passes
+                  then work on it and on each other's results in place instead of copying, so a
+                  pipeline over a large model holds one copy of its weights, not one per pass
 """
 from __future__ import annotations
 
@@ -90,15 +93,19 @@ class Pipeline:
                                  f"earlier pass produces and was not given (available: {', '.join(sorted(have))})")
             have |= set(p.outputs)
 
-    def run(self, gm_or_model: nn.Module, example_inputs=None, **options) -> PipelineResult:
+    def run(self, gm_or_model: nn.Module, example_inputs=None, owned: bool = False, **options) -> PipelineResult:
+        """``owned``: ``gm_or_model`` is the caller's to give away (see ``owned`` above); it may be changed."""
         unknown = sorted(set(options) - self.options)
         if unknown:
             raise InputError(f"pipeline '{self.name}' has no option {', '.join(unknown)} "
                              f"(options: {', '.join(sorted(self.options)) or 'none'})")
         state = initial_state(gm_or_model, example_inputs)
         self.check(state)
+        state["owned"] = owned
         timings = {}
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
+            # an owned model that no later pass reads as a function may be rewritten by this one
+            state["model_free"] = owned and not any("model" in q.inputs for q in self.passes[i + 1:])
             start = time.perf_counter()
             out = p.fn(state, **{k: v for k, v in options.items() if k in p.options})
             timings[p.name] = time.perf_counter() - start
@@ -135,7 +142,8 @@ def initial_state(gm_or_model: nn.Module, example_inputs=None) -> dict:
 def _trace(state, *, leaf_modules=(), train=False):
     from .trace import trace
 
-    gm = trace(state["model"], leaf_modules=leaf_modules)  # a traced copy: the caller's flags stay
+    # a traced copy unless owned: the caller's flags stay
+    gm = trace(state["model"], leaf_modules=leaf_modules, copy_model=not state.get("owned"))
     return {"gm": gm.train(train)}
 
 
@@ -151,7 +159,8 @@ def _fold_bn(state):
 
     if state["gm"].training:  # training-mode BatchNorms normalise by batch statistics: nothing to fold
         return {"fold_report": FoldReport()}
-    gm, report = fold_bn(state["gm"])
+    gm, report = fold_bn(state["gm"], inplace=state.get("owned", False),
+                         reuse_layers=state.get("model_free", False))
     return {"gm": gm, "fold_report": report}
 
 
@@ -164,7 +173,7 @@ def _groups(state, *, name=""):
 def _enorm(state, *, p=2, c=1.0, cycles=None, tol=1e-6, select=None, max_cycles=10_000):
     from .enorm import balance
 
-    gm = copy.deepcopy(state["gm"])  # same parameter names as groups.module
+    gm = state["gm"] if state.get("owned") else copy.deepcopy(state["gm"])  # names as in groups.module
     report = balance(gm, state["groups"], p=p, c=c, cycles=cycles, tol=tol, select=select, max_cycles=max_cycles)
     return {"gm": gm, "enorm_report": report}
 
@@ -173,8 +182,9 @@ def _reparam(state, *, policy="per-block", init="preserve", leaf_modules=()):
     # pathfx.reparameterize traces the unfolded model itself: a path model keeps its BatchNorms
     from pathfx.reparam import reparameterize
 
+    owned = state.get("owned", False)  # then the caller verifies: no check of its own
     gm, report = reparameterize(state["model"], state["example_inputs"], policy=policy, pbn=False, init=init,
-                                leaf_modules=leaf_modules)
+                                leaf_modules=leaf_modules, copy_model=not owned, check=not owned)
     return {"gm": gm, "reparam_report": report}
 
 
@@ -183,8 +193,9 @@ def _pbn(state):
 
     from .pbn import insert_pbn
 
-    gm = copy.deepcopy(state["gm"])
-    report = copy.deepcopy(state["reparam_report"])
+    owned = state.get("owned", False)
+    gm = state["gm"] if owned else copy.deepcopy(state["gm"])
+    report = state["reparam_report"] if owned else copy.deepcopy(state["reparam_report"])
     paths = {n: m for n, m in gm.named_modules() if isinstance(m, PathLayer)}
     # the analysis folded each BN into the layer before it: those (layer, BN) pairs are P-BN candidates
     bn_after = {layer: bn for layer, bn in state["fold_report"].folded if bn in report.bn_layers}
@@ -229,8 +240,9 @@ def pipeline(name: str) -> Pipeline:
     return Pipeline(name, [PASSES[p] for p in PIPELINES[name]])
 
 
-def run_pipeline(name: str, gm_or_model: nn.Module, example_inputs=None, **options) -> PipelineResult:
-    return pipeline(name).run(gm_or_model, example_inputs, **options)
+def run_pipeline(name: str, gm_or_model: nn.Module, example_inputs=None, owned: bool = False,
+                 **options) -> PipelineResult:
+    return pipeline(name).run(gm_or_model, example_inputs, owned=owned, **options)
 
 
 def run_pass(name: str, gm: nn.Module, example_inputs=None, **options) -> PipelineResult:

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from .errors import InputError, PathfxError
 from .files import temp_beside
+from .finite import check_finite
 from .shapes import as_tuple
 from .verify import Verification, compare, random_like, run_checked
 
@@ -189,7 +190,10 @@ def ort_runner(proto_or_bytes) -> Callable:
     data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnx.checker passes graphs whose shapes onnxruntime rejects (an uneven Split)
+        raise PathfxError(f"onnxruntime cannot load the ONNX model: {_first_line(e)}") from None
     feeds = [i.name for i in sess.get_inputs()]
 
     def run(args):
@@ -237,6 +241,7 @@ def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True
     start = time.perf_counter()
     args = as_tuple(example_inputs)
     path = os.fspath(path)
+    check_finite(model)
     tmp = _open_temp(path, overwrite)
     try:
         folded, names = fold_for_export(model)

@@ -16,7 +16,9 @@ for ``bias=False``), feed an all-ones input and sum the outputs. Every value is 
 is the identity and each output unit receives the sum over its incoming paths. For an MLP
 without biases this is 1ᵀ|W_L|···|W_1|1. A residual add sums the two path sets, a concatenation
 unites them; zero padding contributes no unit (no path starts there); average pooling is a
-linear layer with weights 1/k and is counted as it is.
+linear layer with weights 1/k and is counted as it is. A negation or subtraction is an edge of
+weight −1 and a scalar factor c an edge of weight c: the |w| network negates nothing and scales
+by |c|; a constant added to a tensor is a bias (|c|, 0 for ``bias=False``).
 
 Max pooling is not linear: on each input it routes one element per window, so the network is
 a different subnetwork on each linear region. Here every element of a window is an edge of
@@ -34,6 +36,8 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import operator
 
 import torch
 import torch.fx as fx
@@ -46,8 +50,9 @@ from .fold_bn import BATCHNORMS, LAYERS, ChannelAffine
 MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, torch.max_pool1d: 1,
                      torch.max_pool2d: 2, torch.max_pool3d: 3}
 ADAPTIVE_MAX_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
-PASS = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+# LeakyReLU as F.leaky_relu is: the identity on the |w| network's non-negative values
+PASS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.AvgPool1d, nn.AvgPool2d,
+        nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
 def _triple(v, n):
@@ -142,8 +147,32 @@ def abs_network(model: nn.Module, input_shape, bias: bool = True) -> fx.GraphMod
         elif node.op == "call_function" and node.target in ADAPTIVE_MAX_FUNCTIONS:
             node.kwargs = {**node.kwargs, "n": ADAPTIVE_MAX_FUNCTIONS[node.target]}
             node.target = adaptive_sum_pool
+        elif node.target in (torch.amax, "amax"):  # a max over whole dims is max pooling: counted as a sum
+            node.target = torch.sum if node.op == "call_function" else "sum"
+    _abs_arithmetic(net.graph, bias)
     net.recompile()
     return net.eval()
+
+
+def _number(a) -> bool:
+    return isinstance(a, numbers.Number) and not isinstance(a, bool)
+
+
+def _abs_arithmetic(graph: fx.Graph, bias: bool) -> None:
+    """Signs out of the linear ops between layers: left in, x − y would subtract path sets and
+    a ReLU after −x or −1.5·x would drop them (the path-norm came out ≤ 0)."""
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if node.target in (operator.neg, torch.neg, "neg"):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target in (operator.add, operator.sub, operator.mul, operator.truediv) and len(node.args) == 2:
+            # a scalar factor is an edge weight; a scalar added is a bias
+            keep = bias or node.target in (operator.mul, operator.truediv)
+            node.args = tuple((abs(a) if keep else 0) if _number(a) else a for a in node.args)
+            if node.target is operator.sub:
+                node.target = operator.add
 
 
 _NOT_RELU = {"sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "elu", "softmax", "layer_norm",

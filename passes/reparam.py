@@ -34,13 +34,13 @@ the runtime reads it as |V| of a single entry.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .groupset import Consumer, RescalingGroups, apply_factors
+from .verify import float64_copy
 
 STREAM_TAGS = ("identity-skip", "learned-skip")
 POLICIES = ("per-block", "global")
@@ -262,7 +262,7 @@ def reds_by_weight(entries) -> dict[str, tuple]:
 @torch.no_grad()
 def solve(groups: RescalingGroups, policy: str = "per-block"):
     """(plan, reparameterized float64 copy of ``groups.module``, basis-value function)."""
-    module = copy.deepcopy(groups.module).double()
+    module = float64_copy(groups.source)  # source is read only; this copy is the one rescaled
     selected, kept = select_groups(groups, policy, module)
     weights = {n: p.detach().numpy() for n, p in module.named_parameters()}
     solver = _Solver(groups, selected, weights)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TraceError
+from .finite import check_finite
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(__file__)
@@ -63,6 +64,7 @@ def trace(model: nn.Module, leaf_modules=(), copy_model: bool = True) -> fx.Grap
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    check_finite(model)  # every pass starts here: a NaN weight would otherwise pass verification as NaN == NaN
     root = copy.deepcopy(model) if copy_model else model
     tracer = _Tracer(leaf_modules)
     try:

@@ -159,7 +159,8 @@ def _one(i: int, label: str, x, y) -> OutputError:
     ab = float(d.reshape(-1)[flat])
     scale = float(torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0).max())
     rel = ab / scale if scale > 0 else (0.0 if ab == 0 else math.inf)
-    note = "non-finite values differ" if ab == math.inf else ""
+    note = "non-finite values differ" if ab == math.inf else \
+        "NaN in both outputs: equal NaNs verify nothing" if bool(both_nan.any()) else ""
     return OutputError(i, shape, ab, rel, label, idx, float(x.reshape(-1)[flat]), float(y.reshape(-1)[flat]), note)
 
 
@@ -174,13 +175,14 @@ def run_checked(run, args, name, label):
         raise ShapeError(f"{name} failed on {label} (shape {shapes}): {msg[0] if msg else type(e).__name__}") from None
 
 
-def compare(run_a: Callable, run_b: Callable, inputs: list[tuple[str, tuple]], rtol: float, atol: float = 0.0,
-            names: tuple[str, str] = ("a", "b")) -> Verification:
-    """Run both callables on every labelled input; keep each output's worst case."""
+def compare(run_a: Callable | dict, run_b: Callable, inputs: list[tuple[str, tuple]], rtol: float,
+            atol: float = 0.0, names: tuple[str, str] = ("a", "b")) -> Verification:
+    """Run both callables on every labelled input; keep each output's worst case.
+    ``run_a`` may instead be the outputs already computed, by input label (a ``Reference``'s)."""
     res = Verification(names=names, rtol=rtol, atol=atol, inputs=[lbl for lbl, _ in inputs])
     worst: dict[int, OutputError] = {}
     for label, args in inputs:
-        xs = _flat(run_checked(run_a, args, names[0], label))
+        xs = _flat(run_a[label] if isinstance(run_a, dict) else run_checked(run_a, args, names[0], label))
         ys = _flat(run_checked(run_b, args, names[1], label))
         if len(xs) != len(ys):
             worst[-1] = OutputError(-1, (), math.inf, math.inf, label, (), math.nan, math.nan,
@@ -194,8 +196,28 @@ def compare(run_a: Callable, run_b: Callable, inputs: list[tuple[str, tuple]], r
     return res
 
 
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+         "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every floating parameter and buffer in float64, made tensor by tensor:
+    no full-size copy in the model's own dtype exists on the way. The copy carries no forward or
+    backward hooks: the caller's hooks (loggers, counters) must not fire on pathfx's private runs."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in memo:
+            d = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(d, t.requires_grad) if isinstance(t, nn.Parameter) else d
+    out = copy.deepcopy(model, memo)
+    for m in out.modules():
+        for attr in HOOKS:
+            getattr(m, attr, {}).clear()
+    return out
+
+
 def _float64(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).double().eval()
+    return float64_copy(model).eval()
 
 
 def _runner(model: nn.Module, dtype: torch.dtype) -> Callable:
@@ -218,3 +240,26 @@ def verify(a: nn.Module, b: nn.Module, inputs=None, n_random: int = 8, rtol: flo
     labelled = labelled_inputs(inputs, n_random, seed, a, b)
     return compare(_runner(_float64(a), torch.float64), _runner(_float64(b), torch.float64), labelled,
                    rtol=rtol, atol=atol, names=names)
+
+
+@dataclass
+class Reference:
+    """A float64 model's outputs on labelled inputs, kept so that the model itself can be let go
+    (``transform`` rewrites its own float64 copy in place and checks the result against these)."""
+    inputs: list[tuple[str, tuple]]
+    outputs: dict[str, object]
+
+
+def reference(model: nn.Module, inputs=None, n_random: int = 8, seed: int = 0) -> Reference:
+    """Outputs of ``model`` as it is (the caller makes it float64 and eval) on the inputs ``verify`` uses."""
+    labelled = labelled_inputs(inputs, n_random, seed, model)
+    labelled = [(lbl, tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in args))
+                for lbl, args in labelled]
+    run = _runner(model, torch.float64)
+    return Reference(labelled, {lbl: run_checked(run, args, "original", lbl) for lbl, args in labelled})
+
+
+def verify_reference(ref: Reference, model: nn.Module, rtol: float = 1e-10, atol: float = 0.0,
+                     names: tuple[str, str] = ("original", "transformed")) -> Verification:
+    """Compare a float64 eval-mode ``model`` (run as it is, not copied) with a ``Reference``."""
+    return compare(ref.outputs, _runner(model, torch.float64), ref.inputs, rtol=rtol, atol=atol, names=names)

@@ -6,6 +6,7 @@ import copy
 import torch.fx as fx
 import torch.nn as nn
 
+from passes.finite import check_finite
 from passes.fold_bn import fold_bn
 from passes.groups import analyze
 from passes.groupset import RescalingGroups
@@ -20,6 +21,8 @@ def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = Fal
     shapes are computed on meta tensors, folded layers are new modules. The result may
     share untouched leaf modules with ``model``; copy it before writing to it.
     """
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        check_finite(model)  # a GraphModule is copied, not traced: trace's check does not run
     flags = [(mod, mod.training) for mod in model.modules()]
     try:
         model.train(train)

@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a report can name the command that made it
     try:
         code = args.run(args)
     except VerificationError as e:  # the run worked and found a difference: CI gates on exit 1

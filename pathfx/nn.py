@@ -38,10 +38,21 @@ class PathLayer(nn.Module):
         self.register_buffer("red", red)
         self.register_buffer("free", (red == 0).to(v.dtype))
         self.register_buffer("col_slot", col_slot.reshape(col_slot.shape + (1,) * (v.dim() - col_slot.dim())))
+        self._n_spatial = red.dim() - 2
+        self._derive()
+        object.__setattr__(self, "_sources", [])
+
+    def _derive(self) -> None:
+        """Index buffers and the red(x) strategy, all functions of ``red`` and ``col_slot``.
+
+        Run again after ``load_state_dict``: a checkpoint's red signs (or positions) need not be
+        this layer's, and a stale copy would silently compute another function.
+        """
+        red, dev = self.red, self.red.device
         flat = red.reshape(red.shape[0], red.shape[1], -1)
         rows, local, taps = torch.nonzero(flat, as_tuple=True)
         self.register_buffer("red_signs", flat[rows, local, taps])
-        groups = base.groups if self.is_conv else 1
+        groups = self.base.groups if self.is_conv else 1
         cols = (rows // (red.shape[0] // groups)) * red.shape[1] + local if self.is_conv else local
         self.register_buffer("red_rows", rows)
         self.register_buffer("red_cols", cols)  # absolute input channel (feature) of each red entry
@@ -55,27 +66,30 @@ class PathLayer(nn.Module):
         # channel), "scatter" (rows without or with several red entries), "conv" (no common tap)
         c_out, c_in = red.shape[0], red.shape[1] * groups
         self._red_mode = "conv" if self.tap is None else "scatter"
-        row_src = torch.zeros(c_out, dtype=torch.long)
-        row_sign = torch.zeros(c_out, dtype=v.dtype)
-        if self.tap is not None and rows.numel() == c_out and torch.equal(torch.sort(rows).values, torch.arange(c_out)):
+        row_src = torch.zeros(c_out, dtype=torch.long, device=dev)
+        row_sign = torch.zeros(c_out, dtype=red.dtype, device=dev)
+        arange = torch.arange(c_out, device=dev)
+        if self.tap is not None and rows.numel() == c_out and torch.equal(torch.sort(rows).values, arange):
             row_src[rows], row_sign[rows] = cols, self.red_signs
-            self._red_mode = "identity" if c_in == c_out and torch.equal(row_src, torch.arange(c_out)) else "select"
+            self._red_mode = "identity" if c_in == c_out and torch.equal(row_src, arange) else "select"
         self.register_buffer("row_src", row_src, persistent=False)
         self.register_buffer("row_sign", row_sign, persistent=False)
         # basis slot of each absolute input channel (the slot depends on the channel only)
-        cs = col_slot.reshape(-1, red.shape[1])
+        cs = self.col_slot.reshape(-1, red.shape[1])
         if groups == 1 and cs.shape[0] == 1:  # one row broadcast over all rows
             chan_slot, self._per_channel = cs[0].clone(), True
         else:
             cs = cs.expand(red.shape[0], red.shape[1])
-            chan = (torch.arange(red.shape[0]) // (red.shape[0] // groups) * red.shape[1])[:, None] + \
-                torch.arange(red.shape[1])[None, :]
-            chan_slot = torch.zeros(c_in, dtype=torch.long)
+            chan = (torch.arange(red.shape[0], device=dev) // (red.shape[0] // groups) * red.shape[1])[:, None] + \
+                torch.arange(red.shape[1], device=dev)[None, :]
+            chan_slot = torch.zeros(c_in, dtype=torch.long, device=dev)
             chan_slot[chan.reshape(-1)] = cs.reshape(-1)
             self._per_channel = bool(torch.equal(chan_slot[chan], cs))
         self.register_buffer("chan_slot", chan_slot, persistent=False)
-        self._n_spatial = red.dim() - 2
-        object.__setattr__(self, "_sources", [])
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._derive()
 
     # -- basis values
     def link(self, sources: list[tuple["PathLayer", torch.Tensor]]) -> None:

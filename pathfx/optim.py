@@ -83,8 +83,18 @@ def _left_out(model, example_inputs, leaf_modules, train_groups) -> list[LeftOut
     return out
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper: the same parameters under
+    their own names, and a forward that traces."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
 class ENorm:
     """``ENorm(model, optimizer, example_inputs).step()`` after each ``optimizer.step()``.
+
+    Under DistributedDataParallel pass the wrapper or its ``.module`` and step on every rank:
+    the replicas hold the same weights after each synchronised step, so each computes the same
+    factors and they stay identical without communication.
 
     Every ``every`` steps it runs one ENorm cycle on ``model`` in place (train-mode groups) and
     rescales the optimizer state of every rescaled weight and bias. ``last_factors`` holds the
@@ -98,6 +108,7 @@ class ENorm:
             raise InputError(f"every must be a positive integer, got {every!r}")
         if not isinstance(optimizer, SUPPORTED):
             raise InputError(f"ENorm rescales the state of SGD, Adam and AdamW only, not {type(optimizer).__name__}")
+        model = unwrap(model)
         self.model, self.optimizer, self.p, self.c, self.every = model, optimizer, p, c, every
         self.groups = find_groups(model, example_inputs, leaf_modules=leaf_modules, train=True)
         self.params = dict(model.named_parameters())

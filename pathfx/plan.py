@@ -105,6 +105,9 @@ class Plan:
     # -- builders -----------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         """Raise PlanMismatchError unless ``model`` has the parameters this plan was made for."""
+        from .optim import unwrap
+
+        model = unwrap(model)
         want = self.signature.get("params", {})
         have = {n: list(p.shape) for n, p in model.named_parameters()}
         if have == want:
@@ -119,7 +122,10 @@ class Plan:
                                 f"model's parameters differ: {'; '.join(p for p in parts if p)}")
 
     def optimizer(self, model: nn.Module, example_inputs=None) -> torch.optim.Optimizer:
-        """The torch optimizer of this plan for ``model`` (checked against the plan's signature)."""
+        """The torch optimizer of this plan for ``model`` (checked against the plan's signature).
+
+        ``model`` may be wrapped in DistributedDataParallel; call ``after_step()`` on every rank.
+        """
         self.check(model)
         s = self.optimizer_settings
         # for gsgd the trainable weights are the path values V: weight decay acts in path space (pbn F.1)

@@ -39,6 +39,7 @@ from passes.reparam import STREAM_TAGS, reds_by_weight, solve
 from passes.shapes import as_tuple, propagate
 from passes.soundness import outputs, rel_error
 from passes.trace import trace
+from passes.verify import float64_copy
 
 from .nn import PathLayer
 
@@ -117,16 +118,24 @@ def _slots(solver, plan, weight: str, shape, groups: int):
 
 
 def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", pbn: bool = True,
-                   init: str = "preserve", leaf_modules=()) -> tuple[fx.GraphModule, ReparamReport]:
-    """A path-parameterized copy of ``model`` and its report; ``model`` is never modified."""
+                   init: str = "preserve", leaf_modules=(), copy_model: bool = True,
+                   check: bool = True) -> tuple[fx.GraphModule, ReparamReport]:
+    """A path-parameterized copy of ``model`` and its report; ``model`` is never modified.
+
+    ``copy_model=False`` builds on ``model`` itself, which is then changed (a caller's private
+    copy). ``check``: with ``init="preserve"``, measure ``report.max_rel_error`` against ``model``
+    in float64 (two float64 copies; off when the caller verifies the result itself).
+    """
     if init not in INITS:
         raise InputError(f"unknown init '{init}': expected one of {', '.join(INITS)}")
     inputs = as_tuple(example_inputs)
-    root = copy.deepcopy(model).eval()
+    training = model.training
+    root = copy.deepcopy(model).eval() if copy_model else model.eval()
     gm = trace(root, leaf_modules=leaf_modules, copy_model=False)
     gm.eval()
     propagate(gm, inputs)
-    folded, fold_report = fold_bn(gm, inplace=False)
+    # folded for the analysis only: a GraphModule over the same leaves, where fold_bn sets new modules
+    folded, fold_report = fold_bn(fx.GraphModule(gm, copy.deepcopy(gm.graph)), inplace=True)
     if fold_report.copied:
         raise InputError(f"layer(s) {', '.join(fold_report.copied)} feed a BatchNorm and other nodes: "
                          "the BN is folded into a copy, which path reparameterization does not follow")
@@ -194,9 +203,9 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
         _paper_init(gm, paths)
     gm.delete_all_unused_submodules()
     gm.recompile()
-    if init == "preserve":
+    if init == "preserve" and check:
         report.max_rel_error = _compare(model, gm, inputs)
-    gm.train(model.training)
+    gm.train(training)
     return gm, report
 
 
@@ -226,7 +235,7 @@ def _paper_init(gm: fx.GraphModule, paths) -> None:
 
 
 def _compare(model, gm, inputs) -> float:
-    a = copy.deepcopy(model).double().eval()
-    b = copy.deepcopy(gm).double().eval()
+    a = float64_copy(model).eval()
+    b = float64_copy(gm).eval()
     xs = [x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
     return rel_error(outputs(a, xs), outputs(b, xs))[0]

@@ -211,8 +211,10 @@ def _bar(loader, progress: bool, desc: str):
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def plot(results: dict, path_or_file) -> None:
-    """Loss and accuracy curves (train dashed, test solid) of ``{label: TrainResult}`` as a PNG."""
+def plot(results: dict, path_or_file, error: bool = False, title: str | None = None) -> None:
+    """Loss and accuracy curves (train dashed, test solid) of ``{label: TrainResult}`` as a PNG; ``error``
+    draws the error rate 1 − accuracy instead of the accuracy, loss and error on log scales. Only
+    ``result.rows`` is read, so averaged rows in any object with a ``rows`` attribute plot too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,10 +224,19 @@ def plot(results: dict, path_or_file) -> None:
     for label, r in results.items():
         ep = [row["epoch"] for row in r.rows]
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-            line, = ax.plot(ep, [row[f"test_{key}"] for row in r.rows], marker="o", label=f"{label} test")
-            ax.plot(ep, [row[f"train_{key}"] for row in r.rows], "--", color=line.get_color(), label=f"{label} train")
+            value = (lambda v: 1.0 - v) if error and key == "acc" else (lambda v: v)
+            line, = ax.plot(ep, [value(row[f"test_{key}"]) for row in r.rows], marker="o", label=f"{label} test")
+            ax.plot(ep, [value(row[f"train_{key}"]) for row in r.rows], "--", color=line.get_color(),
+                    label=f"{label} train")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    if error:  # both on log scales: a few early spikes would flatten every later difference
+        ax_acc.set(xlabel="epoch", ylabel="error rate (1 − accuracy)", title="error (zeros not drawn)")
+        ax_acc.set_yscale("log", nonpositive="mask")
+        ax_loss.set_yscale("log")
+    else:
+        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    if title:
+        fig.suptitle(title)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -1,18 +1,18 @@
 """``pathfx.transform``: analyse, rewrite (balance or path form), plan and verify in one call."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
-from passes.errors import InputError
+from passes.errors import InputError, VerificationError
 from passes.groupset import RescalingGroups
 from passes.manager import run_pipeline
 from passes.table import table
-from passes.verify import Verification, verify as verify_models
+from passes.verify import Verification, float64_copy, reference, verify_reference
 
 from .plan import Plan, make_plan
 
@@ -58,30 +58,64 @@ def default_inputs(model: nn.Module):
     return torch.randn(*shape)
 
 
-def _param_map(model: nn.Module, new: nn.Module) -> dict[str, str]:
-    """Which original parameter each transformed one derives from (same qualified module path)."""
-    old = {n for n, _ in model.named_parameters()}
+def _param_map(old_names, new: nn.Module, pbn_pairs=()) -> dict[str, str]:
+    """Which original parameter each transformed one derives from. A path layer at X holds X's
+    weight as ``X.V`` (``X.layer.V`` inside a P-BN) and its bias as ``X.base.bias``; a P-BN at X
+    holds the BatchNorm that followed X as ``X.bn``."""
+    old = set(old_names)
+    bn_after = dict(pbn_pairs)
     out = {}
     for name, _ in new.named_parameters():
         mod, _, leaf = name.rpartition(".")
-        for cand in (name, f"{mod.rsplit('.', 1)[0]}.weight" if leaf == "V" else None,
-                     f"{mod.removesuffix('.base')}.{leaf}"):
-            if cand in old:
-                out[name] = cand
-                break
+        cands = [name]
+        if mod.endswith("bn") and mod.rpartition(".")[0] in bn_after:
+            cands.append(f"{bn_after[mod.rpartition('.')[0]]}.{leaf}")
+        for wrapper in (".layer.base", ".base", ".layer"):
+            if mod.endswith(wrapper):
+                cands.append(f"{mod[:-len(wrapper)]}.{leaf}")
+        if leaf == "V":
+            cands.append(f"{mod.removesuffix('.layer')}.weight")
+        hit = next((c for c in cands if c in old), None)
+        if hit is not None:
+            out[name] = hit
     return out
 
 
+def _check_cast(gm: nn.Module, ref, dtype: torch.dtype, mode: str) -> None:
+    """The result verified in float64; cast back to a narrow dtype a path form can leave its range
+    (path values and basis values far below float16's smallest number): refuse it rather than
+    hand back a model that outputs NaN or Inf."""
+    label, args = ref.inputs[0]
+    want = [t for t in tree_flatten(ref.outputs[label])[0] if torch.is_tensor(t)]
+    try:
+        with torch.no_grad():
+            got = gm(*(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    except Exception:  # an op without a kernel for this dtype here: the caller's own model has the same
+        return
+    got = [t for t in tree_flatten(got)[0] if torch.is_tensor(t)]
+    if all(bool(w.isfinite().all()) <= bool(g.isfinite().all()) for w, g in zip(want, got)):
+        return
+    tiny = min((float(p.detach().abs()[p != 0].min()) for p in gm.parameters() if bool((p != 0).any())), default=0.0)
+    raise VerificationError(f"the {mode} form verified in float64 but outputs NaN or Inf in {dtype}: its values "
+                            f"leave {dtype}'s range (smallest nonzero |parameter| {tiny:.1e}, smallest normal "
+                            f"{torch.finfo(dtype).tiny:.1e}); transform a float32 copy of the model instead")
+
+
 def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: str | None = None,
-              verify: bool = True, rtol: float = 1e-10, name: str = "", **pass_options) -> TransformResult:
+              verify: bool = True, rtol: float = 1e-10, name: str = "", n_random: int = 8,
+              copy_model: bool = True, **pass_options) -> TransformResult:
     """Rewrite a copy of ``model`` into balanced (``mode="balance"``, ENorm) or path form
     (``mode="path"``, path reparameterization with P-BN), with the matched training plan.
 
     ``plan``: ``"enorm"`` (balance), ``"gsgd"`` (path) or ``"sgd"`` (baseline on the
     transformed model); by default the one matched to the mode. ``verify``: compare the
-    result with the original in float64 (eval mode) and raise VerificationError over ``rtol``.
+    result with the original in float64 (eval mode) on ``example_inputs`` and ``n_random`` random
+    inputs of the same shapes, and raise VerificationError over ``rtol``.
     ``pass_options`` go to the passes that declare them (``p``, ``c``, ``cycles``, ``tol``,
-    ``policy``, ``init``, ``leaf_modules``...). The caller's model is never modified.
+    ``policy``, ``init``, ``leaf_modules``...). The caller's model is never modified, unless
+    ``copy_model=False``: then it is converted to float64 and rewritten in place (its weights become
+    the result's), for a caller that built the model only to transform it — on a large model that
+    saves the memory of one copy.
     """
     if mode not in MODES:
         raise InputError(f"unknown mode '{mode}' (modes: {', '.join(MODES)})")
@@ -92,19 +126,32 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     x = example_inputs if example_inputs is not None else default_inputs(model)
     args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     # The rewrite runs in float64, so that the verified function is the exact one; the result
-    # is handed back in the model's own dtype.
+    # is handed back in the model's own dtype. The original's outputs are computed first: the
+    # pipeline then owns the float64 copy and rewrites it in place, so one copy of the weights
+    # is alive at a time, not one per pass.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    work = copy.deepcopy(model).double()
+    training, names = model.training, [n for n, _ in model.named_parameters()]
+    work = float64_copy(model).eval() if copy_model else model.to(torch.float64).eval()
     args = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-    result = run_pipeline(mode, work, args, **pass_options)
+    ref = reference(work, args, n_random=n_random) if verify else None
+    result = run_pipeline(mode, work, args, owned=True, **pass_options)
+    del work, model
+    result.state.pop("model")  # the float64 copy's leaves not in the result can go
     gm, groups = result.gm, result["groups"]
     groups.model_name = name or groups.model_name
     report = result.state.get("enorm_report") or result.state.get("reparam_report")
     verification = None
     if verify:
-        verification = verify_models(work, gm, inputs=args, rtol=rtol, names=("original", "transformed"))
+        gm.eval()
+        verification = verify_reference(ref, gm, rtol=rtol)
         verification.raise_if_failed()
+        if hasattr(report, "max_rel_error"):
+            report.max_rel_error = verification.max_rel
+    if mode == "path":  # a path model is handed back in the caller's mode, as reparameterize does
+        gm.train(training)
     gm = gm.to(dtype)
+    if verify and dtype in (torch.float16, torch.bfloat16):
+        _check_cast(gm, ref, dtype, mode)
     weight_space = _weight_space(mode, groups, report)
     acts_on = None
     if mode == "path" and report is not None:
@@ -113,7 +160,8 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
                    for g in groups.groups if g.id in chosen]
     made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, acts_on, groups.model_name)
     return TransformResult(model=gm, groups=groups, plan=made, verification=verification,
-                           timings=dict(result.timings), mode=mode, report=report, param_map=_param_map(model, gm))
+                           timings=dict(result.timings), mode=mode, report=report,
+                           param_map=_param_map(names, gm, result.state.get("pbn_layers", ())))
 
 
 def _weight_space(mode, groups, report) -> list[dict]:

@@ -346,3 +346,24 @@ def test_a_model_without_free_groups_is_left_as_it_is():
     m = nn.Sequential(nn.Linear(4, 3))  # its only rows are the graph output: nothing to balance
     balanced, report = pathfx.enorm(m, torch.randn(2, 4))
     assert report.objective == [0.0, 0.0] and torch.equal(balanced.get_parameter("0.weight"), m[0].weight)
+
+
+@pytest.mark.parametrize("p", [2, 1.5])
+def test_large_weights_read_in_blocks_balance_alike(monkeypatch, p):
+    """Weights past ``LAZY_FROM`` keep no energy matrix; the cycles must not notice (rows in
+    several blocks of 2**18 entries, a 1×1 conv among linear layers, a dead channel)."""
+    import passes.enorm as pe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 700, 1), nn.ReLU(), nn.Conv2d(700, 600, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(600, 5)).double().eval()
+    with torch.no_grad():
+        model[2].weight[:, 7].zero_()
+    x = torch.randn(2, 3, 4, 4).double()
+    dense, rep_dense = pathfx.enorm(model, x, cycles=5, p=p)
+    monkeypatch.setattr(pe, "LAZY_FROM", 1000)
+    lazy, rep_lazy = pathfx.enorm(model, x, cycles=5, p=p)
+    np.testing.assert_allclose(rep_lazy.objective, rep_dense.objective, rtol=1e-12)
+    for (name, a), b in zip(dense.named_parameters(), lazy.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)
+    assert [d.variables for d in rep_lazy.dead] == [d.variables for d in rep_dense.dead] != []

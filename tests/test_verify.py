@@ -136,3 +136,11 @@ def test_nan_where_the_reference_is_finite_fails():
         bad.bias[0] = float("nan")
     v = pathfx.verify(m, bad, torch.randn(1, 3), n_random=0)
     assert not v.ok and np.isinf(v.max_abs) and "non-finite" in v.diff()
+
+
+def test_nan_on_both_sides_is_not_agreement():
+    m = nn.Linear(3, 3)
+    with torch.no_grad():
+        m.bias[1] = float("nan")
+    v = pathfx.verify(m, copy.deepcopy(m), torch.randn(1, 3), n_random=0)
+    assert not v.ok and "NaN in both outputs" in v.diff()

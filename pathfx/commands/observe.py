@@ -65,14 +65,17 @@ def measure(model: fx.GraphModule, x, y) -> tuple[list[float], list[float]]:
     return sigmas, [math.log(r.grad.norm().item()) for r in rec.relus]
 
 
-def observe(depth=50, width=128, batch=128, size=32, seed=0) -> dict[str, list[float]]:
+def observe(depth=50, width=128, batch=128, size=32, seed=0, x=None, y=None) -> dict[str, list[float]]:
+    """``x``, ``y``: a real mini-batch (the paper's first CIFAR-10 batch) instead of random images and labels;
+    its shape then replaces ``batch`` and ``size``."""
     import pathfx
     from zoo.plain import StackedCNN
 
     torch.manual_seed(seed)
-    model = StackedCNN(depth=depth, width=width)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
+    model = StackedCNN(depth=depth, width=width, in_channels=3 if x is None else x.shape[1])
+    if x is None:
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 10, (batch,))
     path, _ = pathfx.reparameterize(model, x[:2], pbn=True, init="paper")
     bn_sigma, bn_grad = measure(trace(model), x, y)
     pbn_sigma, pbn_grad = measure(path, x, y)

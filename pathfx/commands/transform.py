@@ -21,6 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --plan-out / --export files")
     p.add_argument("--policy", choices=["per-block", "global"], help="path mode: which groups to reparameterize")
     p.add_argument("--cycles", type=int, help="balance mode: ENorm cycles (default: until --tol)")
+    p.add_argument("--n-random", type=int, default=8, help="random inputs the verification adds to the example")
 
 
 def run(args) -> int:
@@ -29,7 +30,9 @@ def run(args) -> int:
             raise InputError(f"output file '{path}' exists (use --force to overwrite)")
     model, x, name = load_model(args)
     options = {k: v for k, v in (("policy", args.policy), ("cycles", args.cycles)) if v is not None}
-    result = pathfx.transform(model, x, mode=args.mode, plan=args.plan, name=name, **options)
+    # the model was built here only to be transformed: no second copy of its weights
+    result = pathfx.transform(model, x, mode=args.mode, plan=args.plan, name=name, n_random=args.n_random,
+                              copy_model=False, **options)
     print(result)
     print("\n".join(str(result.plan).splitlines()[1:]))  # its first line is in the summary
     code = 0

@@ -1,6 +1,7 @@
 """`pathfx zoo`: run the analysis over torchvision's classifiers and write the coverage table."""
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 
@@ -9,7 +10,7 @@ from tqdm import tqdm
 
 import pathfx
 import zoo
-from passes.errors import PathfxError
+from passes.errors import InputError, PathfxError
 from passes.soundness import check_soundness
 
 from ._common import write_atomic
@@ -29,29 +30,57 @@ def add_arguments(p) -> None:
     p.add_argument("--cycles", type=int, default=10, help="balance mode: ENorm cycles per model")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="ONNX exporter (auto: dynamo, TorchScript when dynamo fails)")
+    p.add_argument("--size", type=int, help="balance / path: square inputs of this size where a model accepts "
+                                            "them (default: each model's own input shape)")
     p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --out")
 
 
-def _build(name: str):
+def _build(name: str, size: int | None = None):
+    """The model in eval mode and its example input: 1×3×size×size when ``size`` is given, smaller
+    than the default and accepted by the model (a forward pass decides), else the default shape."""
     torch.manual_seed(0)
-    return zoo.build(name).eval(), torch.randn(*zoo.lookup(name).input_shape)
+    model, shape = zoo.build(name).eval(), tuple(zoo.lookup(name).input_shape)
+    if size and len(shape) == 4 and shape[1] == 3 and min(shape[2:]) > size:
+        x = torch.randn(1, 3, size, size)
+        try:
+            with torch.no_grad():
+                model(x)
+            return model, x
+        except Exception:  # a fixed-size model (ViT, Swin, MaxViT ...): its own shape
+            pass
+    return model, torch.randn(*shape)
 
 
-def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto") -> dict:
+def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None) -> dict:
     import tempfile
 
     t = time.perf_counter()
     r = {"model": name}
     try:
-        model, x = _build(name)
-        res = pathfx.transform(model, x, mode=mode, name=name, **({"cycles": cycles} if mode == "balance" else {}))
+        model, x = _build(name, size)
+        r["input"] = "×".join(map(str, x.shape))
+        params = sum(p.numel() for p in model.parameters())
+        if params > SKIP_CHECK_PARAMS:
+            r["status"] = f"not run in the sweep (size: {params / 1e6:.0f}M parameters; run alone)"
+            return r
+        # two random inputs besides the example: 80 models × 2 modes of float64 runs at 224 px add up
+        res = pathfx.transform(model, x, mode=mode, name=name, n_random=2,
+                               **({"cycles": cycles} if mode == "balance" else {}))
         g = res.groups
         r.update(groups=len(g.groups), free=g.num_free, torch=f"{res.verification.max_rel:.1e}")
         with tempfile.TemporaryDirectory() as d:
-            rep = pathfx.export_onnx(res.model, f"{d}/m.onnx", x, exporter=exporter)
-        r.update(onnxruntime=f"{rep.max_rel:.1e}", status="ok" if g.num_free else
-                 f"ok, no free group ({Counter(b.op for b in g.barriers).most_common(1)[0][0] if g.barriers else '-'})")
+            try:
+                rep = pathfx.export_onnx(res.model, f"{d}/m.onnx", x, exporter=exporter)
+            except PathfxError:  # TorchScript lacks some ops (adaptive pooling that upsamples): dynamo next
+                if exporter != "torchscript":
+                    raise
+                rep = pathfx.export_onnx(res.model, f"{d}/m.onnx", x, exporter="dynamo")
+        status = "ok" if g.num_free else \
+            f"ok, no free group ({Counter(b.op for b in g.barriers).most_common(1)[0][0] if g.barriers else '-'})"
+        if mode == "path" and g.num_free and not res.report.variables:  # verified, but nothing was rewritten
+            status = f"ok, nothing reparameterized ({', '.join(res.report.weight_space) or '-'})"
+        r.update(onnxruntime=f"{rep.max_rel:.1e}", status=status)
     except PathfxError as e:
         r["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     r["seconds"] = f"{time.perf_counter() - t:.1f}"
@@ -80,11 +109,11 @@ def row(name: str) -> dict:
     return r
 
 
-def _one(name: str, mode: str, cycles: int, exporter: str) -> dict:
-    return row(name) if mode == "analyze" else transform_row(name, mode, cycles, exporter)
+def _one(name: str, mode: str, cycles: int, exporter: str, size: int | None) -> dict:
+    return row(name) if mode == "analyze" else transform_row(name, mode, cycles, exporter, size)
 
 
-def isolated(name: str, mode: str, cycles: int, exporter: str = "auto") -> dict:
+def isolated(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None) -> dict:
     """One model in a fresh process: memory is returned after each model, and a crash (or the
     out-of-memory killer) costs one row, not the sweep."""
     import multiprocessing as mp
@@ -93,14 +122,14 @@ def isolated(name: str, mode: str, cycles: int, exporter: str = "auto") -> dict:
 
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         try:
-            return pool.submit(_one, name, mode, cycles, exporter).result()
+            return pool.submit(_one, name, mode, cycles, exporter, size).result()
         except BrokenProcessPool:
             return {"model": name, "traced": "-", "check": "process died (out of memory?)",
                     "status": "process died (out of memory?)"}
 
 
 COLUMNS = ["model", "traced", "groups", "free", "frozen", "barriers", "check", "seconds"]
-TRANSFORM_COLUMNS = ["model", "groups", "free", "torch", "onnxruntime", "seconds", "status"]
+TRANSFORM_COLUMNS = ["model", "input", "groups", "free", "torch", "onnxruntime", "seconds", "status"]
 
 
 def markdown(rows, columns=COLUMNS) -> str:
@@ -110,6 +139,28 @@ def markdown(rows, columns=COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows, mode: str) -> str:
+    """One line of counts under the table: how many rows ended in each status."""
+    key = "check" if mode == "analyze" else "status"
+    counts = Counter(_status_kind(r.get(key, "-"), mode) for r in rows)
+    return "\n" + f"{len(rows)} models: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()) + "\n"
+
+
+def _status_kind(text: str, mode: str) -> str:
+    if mode == "analyze":
+        return "sound" if text.endswith(" ok") else text if text in ("nothing to check", "not run (size)") else \
+            "FAILED" if "FAILED" in text else "not traced"
+    if text == "ok":
+        return "verify and export"
+    if text.startswith("ok, no free group"):
+        return "verify and export with no free group"
+    if text.startswith("ok, nothing reparameterized"):
+        return "verify and export with nothing reparameterized"
+    if text.startswith("not run in the sweep"):
+        return "not run in the sweep (size)"
+    return text.split(":")[0]
+
+
 def run(args) -> int:
     if args.list:
         print("\n".join(zoo.all_names()))
@@ -117,10 +168,14 @@ def run(args) -> int:
     names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
     for n in names:
         zoo.lookup(n)  # unknown names fail before any work
-    rows = [isolated(n, args.mode, args.cycles, args.exporter) for n in tqdm(names, desc=args.mode, unit="model")]
-    table = markdown(rows, COLUMNS if args.mode == "analyze" else TRANSFORM_COLUMNS)
-    if args.out:
-        write_atomic(args.out, table, force=args.force)
-    print(table)
+    if args.out and os.path.exists(args.out) and not args.force:  # refuse before an hour of work, not after
+        raise InputError(f"output file '{args.out}' exists (use --force to overwrite)")
+    columns = COLUMNS if args.mode == "analyze" else TRANSFORM_COLUMNS
+    rows = []
+    for n in tqdm(names, desc=args.mode, unit="model"):
+        rows.append(isolated(n, args.mode, args.cycles, args.exporter, args.size))
+        if args.out:  # the table so far, so that a stopped sweep keeps what it measured
+            write_atomic(args.out, markdown(rows, columns) + summary(rows, args.mode), force=True)
+    print(markdown(rows, columns) + summary(rows, args.mode))
     failed = any("FAILED" in r.get("check", "") or "VerificationError" in r.get("status", "") for r in rows)
     return 1 if failed else 0
