@@ -82,9 +82,10 @@ def _param_map(old_names, new: nn.Module, pbn_pairs=()) -> dict[str, str]:
 
 
 def _check_cast(gm: nn.Module, ref, dtype: torch.dtype, mode: str) -> None:
-    """The result verified in float64; cast back to a narrow dtype a path form can leave its range
-    (path values and basis values far below float16's smallest number): refuse it rather than
-    hand back a model that outputs NaN or Inf."""
+    """The result verified in float64; cast back to the model's dtype a path form can leave its range
+    (path and basis values are products along paths: below float16's smallest number, and on deep
+    networks such as ShuffleNet outside even float32's): refuse it rather than hand back a model
+    that outputs NaN or Inf."""
     label, args = ref.inputs[0]
     want = [t for t in tree_flatten(ref.outputs[label])[0] if torch.is_tensor(t)]
     try:
@@ -98,7 +99,7 @@ def _check_cast(gm: nn.Module, ref, dtype: torch.dtype, mode: str) -> None:
     tiny = min((float(p.detach().abs()[p != 0].min()) for p in gm.parameters() if bool((p != 0).any())), default=0.0)
     raise VerificationError(f"the {mode} form verified in float64 but outputs NaN or Inf in {dtype}: its values "
                             f"leave {dtype}'s range (smallest nonzero |parameter| {tiny:.1e}, smallest normal "
-                            f"{torch.finfo(dtype).tiny:.1e}); transform a float32 copy of the model instead")
+                            f"{torch.finfo(dtype).tiny:.1e}); use a wider dtype{' (float32)' if dtype != torch.float32 else ' (float64)'}")
 
 
 def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: str | None = None,
@@ -150,7 +151,7 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     if mode == "path":  # a path model is handed back in the caller's mode, as reparameterize does
         gm.train(training)
     gm = gm.to(dtype)
-    if verify and dtype in (torch.float16, torch.bfloat16):
+    if verify and dtype != torch.float64:
         _check_cast(gm, ref, dtype, mode)
     weight_space = _weight_space(mode, groups, report)
     acts_on = None

@@ -164,3 +164,14 @@ def test_readme_snippet_runs():
 
     r = pathfx.transform(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), mode="path")
     assert r.verification.ok
+
+
+def test_path_form_outside_float32_is_refused_not_returned_with_nan():
+    """ShuffleNet's path values underflow float32: the float64 check passes, the cast result would
+    output NaN (and 'NaN == NaN' once passed the ONNX comparison): transform must refuse it."""
+    torch.manual_seed(0)
+    model = zoo.build("shufflenet_v2_x0_5").eval()
+    with pytest.raises(VerificationError, match="NaN or Inf in torch.float32"):
+        pathfx.transform(model, torch.randn(1, 3, 64, 64), mode="path", n_random=0)
+    r = pathfx.transform(model.double(), torch.randn(1, 3, 64, 64).double(), mode="path", n_random=0)
+    assert r.verification.ok  # in float64 the same path form is fine
