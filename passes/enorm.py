@@ -37,6 +37,7 @@ import networkx as nx
 import numpy as np
 import torch
 
+from . import enorm_reach, kernels
 from .errors import InputError, NonFiniteError
 from .groupset import RescalingGroups, in_channel_index
 from .table import table
@@ -56,7 +57,7 @@ class LayerEnergy:
 @dataclass
 class DeadChannels:
     group: int
-    variables: list[int]  # L or R is 0: left at factor 1
+    variables: list[int]  # no nonzero path from the input through them to the output: left at factor 1
 
 
 @dataclass
@@ -151,6 +152,7 @@ class State:
     r: list[torch.Tensor]
     k: list[torch.Tensor]
     totals: torch.Tensor | None = None  # Σ E per weight at the start
+    fixed: list[torch.Tensor] = field(default_factory=list)  # per plan: variables cut off from input or output
     factors: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> product of its d
     dead: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -195,6 +197,30 @@ class Balancer:
                 users[w].append(i)
         self.colours = _colour_classes(conflict)
         self.depth_weights = self._depths()
+        self._variables()
+
+    def _variables(self):
+        """Global numbering of the balanced variables and, per weight, the variable of each row and column."""
+        self.offsets = np.cumsum([0] + [plan.width for plan in self.plans])
+        self.rvars = [np.full(lay.blocks * lay.rows, -1) for lay in self.weights]
+        self.cvars = [np.full(lay.blocks * lay.cols, -1) for lay in self.weights]
+        for off, plan in zip(self.offsets, self.plans):
+            for sides, out in ((plan.rows, self.rvars), (plan.cols, self.cvars)):
+                for s in sides:
+                    out[s.w][s.pos.numpy()] = s.var.numpy() + off
+        self._structural = None  # live variables when every entry is nonzero, the usual case
+
+    def _fixed(self, E) -> list[torch.Tensor]:
+        """Per plan, its variables that no nonzero path from the input to the output crosses."""
+        fulls = [enorm_reach.positive_blocks(e, lay.blocks) for e, lay in zip(E, self.weights)]
+        shapes = [(lay.blocks, lay.rows, lay.cols) for lay in self.weights]
+        if all(f.all() for f in fulls):
+            if self._structural is None:
+                self._structural = enorm_reach.live(int(self.offsets[-1]), shapes, self.rvars, self.cvars, E, fulls)
+            live = self._structural
+        else:
+            live = enorm_reach.live(int(self.offsets[-1]), shapes, self.rvars, self.cvars, E, fulls)
+        return [torch.as_tensor(~live[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     # -- construction
     def _add_weight(self, name, bias, kind, conv_groups):
@@ -279,7 +305,9 @@ class Balancer:
                 E.append(_Powers(w.reshape(lay.rows, lay.cols), p, dtype or w.dtype))
                 continue
             w = w if dtype is None or w.dtype == dtype else w.to(dtype)
-            if taps > 1 and p == 2:  # one batched dot per (row, column): the fastest reduction over a few taps
+            if taps > 1 and p == 2 and kernels.usable(w):
+                e = kernels.energy(w, taps)
+            elif taps > 1 and p == 2:  # one batched dot per (row, column): ATen's fastest reduction over a few taps
                 v = w.reshape(-1, 1, taps)
                 e = torch.bmm(v, v.transpose(1, 2))
             elif taps > 1:  # a fused norm over the kernel: no |w|^p temporary
@@ -300,7 +328,7 @@ class Balancer:
         ones = lambda n, e: torch.ones(n, dtype=e.dtype)  # noqa: E731
         r = [ones(lay.blocks * lay.rows, e) for lay, e in zip(self.weights, E)]
         k = [ones(lay.blocks * lay.cols, e) for lay, e in zip(self.weights, E)]
-        return State(E, masked, r, k, totals)
+        return State(E, masked, r, k, totals, self._fixed(E))
 
     @staticmethod
     def _powers(st: State, w: int, p: float):
@@ -337,8 +365,8 @@ class Balancer:
             return _mv(E, kp).mul_(rp)
         return torch.matmul(E, kp.view(lay.blocks, lay.cols, 1)).view(-1).mul_(rp)
 
-    def _factors(self, L, R, p, c, only=None):
-        dead = (L <= 0) | (R <= 0)
+    def _factors(self, L, R, p, c, fixed, only=None):
+        dead = (L <= 0) | (R <= 0) | fixed
         d = (R / L).pow_(1 / (2 * p))  # R/L of a dead channel is never used
         d = torch.where(dead, 1.0, d if c == 1 else d.div_(c))
         if only is not None:
@@ -363,10 +391,10 @@ class Balancer:
             for i in colour:  # groups of one colour share no weight: compute all, then apply all
                 plan = self.plans[i]
                 if plan.classes is None:
-                    steps.append((i, self._factors(*self._sums(st, i, plan, p), p, c)))
+                    steps.append((i, self._factors(*self._sums(st, i, plan, p), p, c, st.fixed[i])))
                     continue
                 for vars_ in plan.classes:  # variables sharing an entry go one after another
-                    d, dead = self._factors(*self._sums(st, i, plan, p), p, c, only=vars_)
+                    d, dead = self._factors(*self._sums(st, i, plan, p), p, c, st.fixed[i], only=vars_)
                     self._record(st, plan, d, dead)
             for i, (d, dead) in steps:
                 self._record(st, self.plans[i], d, dead)
@@ -410,27 +438,38 @@ class Balancer:
 
 
 class _Powers:
-    """|w|^p of a large 2-D weight, never stored whole: computed a block of rows at a time."""
+    """|w|^p of a large 2-D weight, never stored whole: summed straight from the weight by the
+    compiled loops (p = 2 in the weight's dtype), else computed a block of rows at a time."""
 
     def __init__(self, w: torch.Tensor, p: float, dtype: torch.dtype):
         self.w, self.p, self.dtype = w, p, dtype
+        self.fast = p == 2 and w.dtype == dtype and kernels.usable(w)
+        self.zeros: int | None = None  # entries equal to 0, once ``sum`` has counted them
 
-    def _blocks(self):
+    def blocks(self):
         step = max(1, (1 << 18) // max(1, self.w.shape[1]))
         for s in range(0, self.w.shape[0], step):
             c = self.w[s:s + step].to(self.dtype)
             yield s, (c.square() if self.p == 2 else c.abs().pow(self.p))
 
     def mv(self, vec: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        if self.fast:
+            return (kernels.colsq if transpose else kernels.rowsq)(self.w, vec.contiguous())
         if not transpose:
-            return torch.cat([torch.mv(e, vec) for _, e in self._blocks()])
+            return torch.cat([torch.mv(e, vec) for _, e in self.blocks()])
         out = torch.zeros(self.w.shape[1], dtype=self.dtype)
-        for s, e in self._blocks():
+        for s, e in self.blocks():
             out.addmv_(e.t(), vec[s:s + len(e)])
         return out
 
     def sum(self) -> torch.Tensor:
-        return torch.stack([e.sum() for _, e in self._blocks()]).sum()
+        if self.fast:
+            total, self.zeros = kernels.sumsq(self.w)
+            return torch.tensor(total, dtype=self.dtype)
+        return torch.stack([e.sum() for _, e in self.blocks()]).sum()
+
+    def all_nonzero(self) -> bool:
+        return (self.zeros if self.zeros is not None else self.w.numel() - int(torch.count_nonzero(self.w))) == 0
 
 
 def _mv(E, vec: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -441,9 +480,15 @@ def _mv(E, vec: torch.Tensor, transpose: bool = False) -> torch.Tensor:
 
 
 def _rescale(t: torch.Tensor, lay: _Weight, r: torch.Tensor, k: torch.Tensor, power: int) -> None:
-    """t × (r_row / k_column)**power. An ungrouped layer takes two passes with long contiguous runs
-    (rows by a scalar each, columns by k repeated over the kernel taps): several times faster on a
-    CPU than one pass broadcasting a factor over runs as short as a 3 × 3 kernel."""
+    """t × (r_row / k_column)**power: one pass of the compiled loop, or else (an ungrouped layer)
+    two ATen passes with long contiguous runs (rows by a scalar each, columns by k repeated over
+    the kernel taps): several times faster on a CPU than one pass broadcasting a factor over runs
+    as short as a 3 × 3 kernel."""
+    if lay.kind != "affine" and kernels.usable(t):
+        v = t.view(lay.shape[0], -1)
+        cols = k.to(t.dtype).pow(-power)
+        kernels.scale(v, r.to(t.dtype).pow(power), cols.repeat_interleave(v.shape[1] // lay.cols), lay.blocks)
+        return
     if lay.blocks == 1 and lay.kind != "affine" and t.is_contiguous():
         v = t.view(lay.shape[0], -1)
         cols = k.to(t.dtype).pow(-power)

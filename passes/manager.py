@@ -140,10 +140,12 @@ def initial_state(gm_or_model: nn.Module, example_inputs=None) -> dict:
 # -- the standard passes ------------------------------------------------------------------------
 
 def _trace(state, *, leaf_modules=(), train=False):
-    from .trace import trace
+    from .trace import check_trace, trace
 
     # a traced copy unless owned: the caller's flags stay
     gm = trace(state["model"], leaf_modules=leaf_modules, copy_model=not state.get("owned"))
+    if "example_inputs" in state:
+        check_trace(state["model"], gm, state["example_inputs"])
     return {"gm": gm.train(train)}
 
 

@@ -11,7 +11,7 @@ from passes.fold_bn import fold_bn
 from passes.groups import analyze
 from passes.groupset import RescalingGroups
 from passes.shapes import propagate
-from passes.trace import trace
+from passes.trace import check_trace, trace
 
 
 def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = False) -> fx.GraphModule:
@@ -31,6 +31,8 @@ def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = Fal
     finally:
         for mod, flag in flags:
             mod.training = flag
+    if not isinstance(model, fx.GraphModule):
+        check_trace(model, gm, example_inputs)
     gm.training = train  # only the root: leaves may be the caller's; copies take this mode
     propagate(gm, example_inputs)
     if not train:

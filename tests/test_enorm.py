@@ -290,6 +290,28 @@ def test_dead_channels_skipped_and_reported():
     assert_monotone(report.objective)
 
 
+def test_dead_sets_found_through_several_layers():
+    # Hidden units 0, 1 of layer 1 feed only units 0, 1 of layer 2, whose outgoing weights are
+    # zero: none of the four reaches the output, though units 0, 1 of layer 1 have L, R > 0.
+    # Unit 2 of layer 1 has no incoming weight, and unit 2 of layer 2 reads only from it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[2].weight[2:, :2] = 0
+        model[2].weight[:2, 2:] = 0
+        model[4].weight[:, :2] = 0
+        model[0].weight[2] = 0
+        model[2].weight[2, [0, 1, 3]] = 0
+    x = torch.randn(3, 5, dtype=torch.float64)
+    balanced, report = pathfx.enorm(model, x, tol=1e-14)
+    assert report.converged
+    assert {(d.group, v) for d in report.dead for v in d.variables} == {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)}
+    assert rel_error(outputs(model, [x]), outputs(balanced, [x]))[0] <= 1e-10
+    assert_monotone(report.objective)
+    for name in ("0.weight", "2.weight"):  # dead rows keep their weights
+        assert torch.equal(dict(balanced.named_parameters())[name][:3], dict(model.named_parameters())[name][:3])
+
+
 def test_non_finite_weight_names_the_parameter():
     model = mlp()
     with torch.no_grad():

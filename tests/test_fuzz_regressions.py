@@ -1,6 +1,7 @@
 """Shrunk examples of bugs the fuzzing (tests/test_fuzz.py) found, as plain tests."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -11,7 +12,8 @@ import pathfx
 from fuzz_models import FuzzNet
 from passes.errors import PathfxError
 from passes.pathnorm import path_norm
-from passes.soundness import outputs, rel_error
+from passes.groupset import apply_factors
+from passes.soundness import outputs, random_factors, rel_error
 from pathfx.analysis import prepare
 
 D = torch.float64
@@ -107,15 +109,39 @@ def test_a_graph_onnxruntime_cannot_load_is_a_pathfx_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="passes/enorm.py detects dead channels one variable at a time")
 def test_enorm_converges_when_channels_never_reach_the_output():
     # Stream channels 0 and 1 feed only the first block of the grouped conv, which writes back into
-    # them, and are sliced away: the output does not depend on them. Each has L > 0 and R > 0, so
-    # ENorm does not report them dead, but Σ|w|^2 has no minimum (scaling both down together lowers
-    # it without end): ENorm never converges, and the "balanced" weights depend on the start.
+    # them, and are sliced away: the output does not depend on them. Each has L > 0 and R > 0, but
+    # Σ|w|^2 has no minimum along them (scaling both down together lowers it without end): they
+    # must be found dead as a set (passes/enorm_reach.py), else ENorm never converges.
     net = FuzzNet(in_shape=(1, 6, 6), seed=0, training=False,
                   specs=["nn.Conv2d(1, 4, 3, padding=1)", "nn.Conv2d(4, 4, 1, groups=2)", "nn.Linear(2, 3)"],
                   plan=[("mod", 0, 0), ("fn", 1, "relu"), ("mod", 2, 1), ("add", 2, 3), ("slice", 4, 2, 4),
                         ("fn", 5, "gap"), ("fn", 6, "flatten"), ("mod", 7, 2)])
-    _, report = pathfx.enorm(net, net.example(), tol=1e-12, max_cycles=3000)
+    balanced, report = pathfx.enorm(net, net.example(), tol=1e-12, max_cycles=3000)
     assert report.converged, (report.cycles, report.objective[-3:])
+    assert [(d.group, d.variables) for d in report.dead] == [(0, [0, 1])]
+    assert pathfx.verify(net, balanced, net.example()).ok
+    # the dead channels keep their weights; the live ones reach the same point from another start
+    g = pathfx.find_groups(net, net.example())
+    factors = random_factors(g, 3)
+    factors[0][[0, 1]] = 1.0
+    start = copy.deepcopy(g.source)
+    apply_factors(start, g, factors)
+    again, _ = pathfx.enorm(start, net.example(), tol=1e-12, max_cycles=3000)
+    for (name, a), b in zip(balanced.named_parameters(), again.parameters()):
+        assert (a - b).abs().max() <= 1e-8 * a.abs().max(), name
+
+
+def test_inplace_add_through_an_identity_alias():
+    # nn.Identity returns its input itself: `x += identity(x)` doubles the tensor both names refer
+    # to, and the later read through the identity sees the doubled value. The traced graph read
+    # the old one (balanced outputs off by a factor 2).
+    net = FuzzNet(in_shape=(2, 6, 6), seed=0, training=False,
+                  specs=["nn.Conv2d(2, 2, 3, 1, 0, 1, 2, False, 'zeros')",
+                         "nn.Conv2d(2, 1, 1, 1, 0, 1, 1, False, 'zeros')", "nn.Identity()"],
+                  plan=[("mod", 0, 0), ("fn", 1, "relu"), ("mod", 2, 1), ("mod", 3, 2), ("iadd", 3, 4),
+                        ("fn", 5, "relu"), ("fn", 4, "relu")])
+    x = net.example()
+    balanced, _ = pathfx.enorm(net, x, cycles=3)
+    assert pathfx.verify(net, balanced, x).ok

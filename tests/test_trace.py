@@ -194,6 +194,33 @@ def test_leaf_modules_make_it_a_barrier():
     assert any("at node 'block_1'" in f.reason and f.layers == ["c1.weight"] and f.count == 4 for f in g.frozen)
 
 
+class WriteThroughView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        z = y.view(y.shape)  # another name for y's storage
+        y *= 2  # changes z too; the traced graph multiplies out of place and z keeps the old values
+        return self.c2(torch.relu(z))
+
+
+def test_graph_that_differs_from_the_forward_is_refused():
+    model = WriteThroughView().double()
+    hook_calls = []
+    model.c1.register_forward_hook(lambda *a: hook_calls.append(1))
+    with pytest.raises(TraceError, match=r"WriteThroughView does not compute what its forward computes"):
+        find_groups(model, inp())
+    assert hook_calls == [] and model.training  # the check runs with hooks set aside, modes restored
+    # the same write out of place traces faithfully
+    class OutOfPlace(WriteThroughView):
+        def forward(self, x):
+            y = self.c1(x) * 2
+            return self.c2(torch.relu(y.view(y.shape)))
+    assert find_groups(OutOfPlace().double(), inp()).num_free == 4
+
+
 def test_shape_error_names_the_module():
     class Bad(nn.Module):
         def __init__(self):

@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
                                             "them (default: each model's own input shape)")
     p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of --out that passed and run only the other models (missing or failed)")
 
 
 def _build(name: str, size: int | None = None):
@@ -161,6 +163,23 @@ def _status_kind(text: str, mode: str) -> str:
     return text.split(":")[0]
 
 
+def read_table(path: str, columns) -> dict[str, dict]:
+    """Rows of a table written by ``markdown``, by model name."""
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("| ") and len(cells) == len(columns) and cells[0] != columns[0]:
+                rows[cells[0]] = {c: v for c, v in zip(columns, cells) if v != "-"}
+    return rows
+
+
+def passed(r: dict, mode: str) -> bool:
+    return _status_kind(r.get("check" if mode == "analyze" else "status", "-"), mode) in (
+        "sound", "nothing to check", "verify and export", "verify and export with no free group",
+        "verify and export with nothing reparameterized")
+
+
 def run(args) -> int:
     if args.list:
         print("\n".join(zoo.all_names()))
@@ -168,12 +187,17 @@ def run(args) -> int:
     names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
     for n in names:
         zoo.lookup(n)  # unknown names fail before any work
-    if args.out and os.path.exists(args.out) and not args.force:  # refuse before an hour of work, not after
-        raise InputError(f"output file '{args.out}' exists (use --force to overwrite)")
     columns = COLUMNS if args.mode == "analyze" else TRANSFORM_COLUMNS
+    kept = {}
+    if args.resume:
+        if not args.out or not os.path.exists(args.out):
+            raise InputError("--resume continues the table of --out FILE, which must exist")
+        kept = {n: r for n, r in read_table(args.out, columns).items() if passed(r, args.mode)}
+    elif args.out and os.path.exists(args.out) and not args.force:  # refuse before an hour of work, not after
+        raise InputError(f"output file '{args.out}' exists (use --force to overwrite, --resume to continue it)")
     rows = []
     for n in tqdm(names, desc=args.mode, unit="model"):
-        rows.append(isolated(n, args.mode, args.cycles, args.exporter, args.size))
+        rows.append(kept.get(n) or isolated(n, args.mode, args.cycles, args.exporter, args.size))
         if args.out:  # the table so far, so that a stopped sweep keeps what it measured
             write_atomic(args.out, markdown(rows, columns) + summary(rows, args.mode), force=True)
     print(markdown(rows, columns) + summary(rows, args.mode))
