@@ -25,6 +25,10 @@ its consumers at k+1) this is coordinate descent on ``Σ_k c^(2p(q-k)) ||W_k||_p
 assignment inconsistent; the update then still preserves the function but minimises no
 single global objective, and ``weighted_objective`` is None.
 
+Dead variables keep factor 1: L or R is 0, or, more generally, no path of nonzero weights
+leads from the input through the variable to the output (``enorm_reach``); along a set of
+such variables the objective has no minimum.
+
 Work is done on the small per-(row, column) energy matrices ``E[o, i] = Σ_kernel |w[o, i]|^p``
 with per-row and per-column factor vectors, so a cycle reads each weight once and writes
 it once (``Balancer.apply``).

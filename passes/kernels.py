@@ -26,9 +26,19 @@ _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _off = False
 
 
+def _cpu() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another that
+    shares the cache directory."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build(cc: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, platform.machine(),
-                                                          platform.processor()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, platform.machine(), _cpu()]).encode()
+                         ).hexdigest()[:16]
     cache = Path(os.environ.get("PATHFX_CACHE", Path.home() / ".cache" / "pathfx"))
     out = cache / f"kernels-{key}.so"
     if not out.exists():

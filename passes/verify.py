@@ -44,6 +44,9 @@ class Verification:
     atol: float
     inputs: list[str]
     outputs: list[OutputError] = field(default_factory=list)
+    # outputs of the first model that vary across the inputs by no more than 10 × rtol of their
+    # size: a rewrite that breaks the function could pass unseen (dead ReLUs at initialisation)
+    insensitive: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -69,7 +72,9 @@ class Verification:
                 f"rtol {self.rtol:g}: {'ok' if self.ok else 'FAILED'}")
         rows = [[o.output, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs:.2e}", f"{o.max_rel:.2e}",
                  o.input, "ok" if self._passes(o) else (o.note or "FAILED")] for o in self.outputs]
-        return head + "\n" + table(["output", "shape", "max abs", "max rel", "worst input", "status"], rows)
+        note = f"\nnote: output(s) {', '.join(map(str, self.insensitive))} of {a} barely change from input to " \
+               f"input (by ≤ 10 × rtol): this comparison checks little" if self.insensitive else ""
+        return head + "\n" + table(["output", "shape", "max abs", "max rel", "worst input", "status"], rows) + note
 
     def diff(self) -> str:
         """The failing outputs, one paragraph each: which input, how far, the worst element."""
@@ -181,9 +186,12 @@ def compare(run_a: Callable | dict, run_b: Callable, inputs: list[tuple[str, tup
     ``run_a`` may instead be the outputs already computed, by input label (a ``Reference``'s)."""
     res = Verification(names=names, rtol=rtol, atol=atol, inputs=[lbl for lbl, _ in inputs])
     worst: dict[int, OutputError] = {}
+    first, varies = None, set()
     for label, args in inputs:
         xs = _flat(run_a[label] if isinstance(run_a, dict) else run_checked(run_a, args, names[0], label))
         ys = _flat(run_checked(run_b, args, names[1], label))
+        first = xs if first is None else first
+        varies |= {i for i, (x, x0) in enumerate(zip(xs, first)) if not _alike(x, x0, 10 * rtol)}
         if len(xs) != len(ys):
             worst[-1] = OutputError(-1, (), math.inf, math.inf, label, (), math.nan, math.nan,
                                     note=f"{names[0]} returns {len(xs)} outputs, {names[1]} {len(ys)}")
@@ -193,7 +201,19 @@ def compare(run_a: Callable | dict, run_b: Callable, inputs: list[tuple[str, tup
             if old is None or (e.note and not old.note) or (e.max_rel, e.max_abs) > (old.max_rel, old.max_abs):
                 worst[i] = e
     res.outputs = [worst[k] for k in sorted(worst)]
+    if len(inputs) > 1:
+        res.insensitive = [i for i in range(len(first)) if i not in varies]
     return res
+
+
+def _alike(x, x0, rtol: float) -> bool:
+    """Within rtol of each other relative to x0's largest magnitude (non-float outputs: equal)."""
+    if not (torch.is_tensor(x) and torch.is_tensor(x0)) or x.shape != x0.shape:
+        return not torch.is_tensor(x) and x == x0
+    if not x.is_floating_point() or not x.numel():
+        return bool(torch.equal(x, x0))
+    scale = float(x0.abs().max())
+    return bool(((x - x0).abs() <= rtol * scale).all()) if math.isfinite(scale) else bool(torch.equal(x, x0))
 
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

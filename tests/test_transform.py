@@ -175,3 +175,12 @@ def test_path_form_outside_float32_is_refused_not_returned_with_nan():
         pathfx.transform(model, torch.randn(1, 3, 64, 64), mode="path", n_random=0)
     r = pathfx.transform(model.double(), torch.randn(1, 3, 64, 64).double(), mode="path", n_random=0)
     assert r.verification.ok  # in float64 the same path form is fine
+
+
+def test_transform_cli_exits_1_when_verification_fails(capsys, tmp_path):
+    out = tmp_path / "m.onnx"
+    code = main(["transform", "shufflenet_v2_x0_5", "--mode", "path", "--input-shape", "1,3,64,64",
+                 "--n-random", "0", "--export", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "NaN or Inf in torch.float32" in err
+    assert list(tmp_path.iterdir()) == []  # nothing exported, nothing half-written

@@ -144,3 +144,19 @@ def test_nan_on_both_sides_is_not_agreement():
         m.bias[1] = float("nan")
     v = pathfx.verify(m, copy.deepcopy(m), torch.randn(1, 3), n_random=0)
     assert not v.ok and "NaN in both outputs" in v.diff()
+
+
+def test_outputs_that_ignore_the_input_are_flagged():
+    torch.manual_seed(0)
+    dead = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        dead[0].bias.fill_(-100.0)  # every hidden unit is off: the output is the last bias
+    broken = copy.deepcopy(dead)
+    with torch.no_grad():
+        broken[0].weight.mul_(-1)  # a different function, invisible on these inputs
+    v = pathfx.verify(dead, broken, torch.randn(2, 4), n_random=3)
+    assert v.ok and v.insensitive == [0]
+    assert "barely change from input to input" in str(v)
+    live = pathfx.verify(model(), model(), X, n_random=3)
+    assert live.insensitive == [] and "barely" not in str(live)
+    assert pathfx.verify(dead, dead, torch.randn(2, 4), n_random=0).insensitive == []  # one input: nothing to tell
