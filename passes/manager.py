@@ -180,13 +180,14 @@ def _enorm(state, *, p=2, c=1.0, cycles=None, tol=1e-6, select=None, max_cycles=
     return {"gm": gm, "enorm_report": report}
 
 
-def _reparam(state, *, policy="per-block", init="preserve", leaf_modules=()):
+def _reparam(state, *, policy="per-block", init="preserve", leaf_modules=(), value_dtype=None):
     # pathfx.reparameterize traces the unfolded model itself: a path model keeps its BatchNorms
     from pathfx.reparam import reparameterize
 
     owned = state.get("owned", False)  # then the caller verifies: no check of its own
     gm, report = reparameterize(state["model"], state["example_inputs"], policy=policy, pbn=False, init=init,
-                                leaf_modules=leaf_modules, copy_model=not owned, check=not owned)
+                                leaf_modules=leaf_modules, copy_model=not owned, check=not owned,
+                                value_dtype=value_dtype)
     return {"gm": gm, "reparam_report": report}
 
 

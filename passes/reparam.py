@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .groupset import Consumer, RescalingGroups, apply_factors
+from .groupset import Consumer, RescalingGroups, apply_factors, in_channel_index
 from .verify import float64_copy
 
 STREAM_TAGS = ("identity-skip", "learned-skip")
@@ -259,15 +259,12 @@ def reds_by_weight(entries) -> dict[str, tuple]:
     return {w: tuple(torch.as_tensor(np.asarray(c, dtype=np.int64)) for c in zip(*idx)) for w, idx in out.items()}
 
 
-@torch.no_grad()
-def solve(groups: RescalingGroups, policy: str = "per-block"):
-    """(plan, reparameterized float64 copy of ``groups.module``, basis-value function)."""
+def _attempt(groups: RescalingGroups, selected: list[int], kept: dict[str, int]):
     module = float64_copy(groups.source)  # source is read only; this copy is the one rescaled
-    selected, kept = select_groups(groups, policy, module)
     weights = {n: p.detach().numpy() for n, p in module.named_parameters()}
     solver = _Solver(groups, selected, weights)
     plan = solver.solve()
-    plan.weight_space = kept
+    plan.weight_space = dict(kept)
     lost = sorted(set(selected) - set(plan.selected))
     if lost:
         plan.weight_space["no path to the output"] = \
@@ -281,3 +278,64 @@ def solve(groups: RescalingGroups, policy: str = "per-block"):
     solver.w = {n: p.detach().numpy() for n, p in module.named_parameters()}
     solver.bases(plan)
     return plan, module, solver
+
+
+def _magnitudes(plan: ReparamPlan, module, solver) -> np.ndarray:
+    """Every nonzero magnitude the path model holds or computes with: the factors (hidden
+    activations scale by them), the rescaled weights, biases and affines, the basis values and
+    the path values V = |u| · b(column) of every layer of a reparameterized group."""
+    out = [np.abs(f) for f in plan.factors.values()]
+    value = {key: 1.0 if ref is None else solver._value_of_ref(ref) for key, ref in plan.basis.items()}
+    out.append(np.fromiter(value.values(), dtype=np.float64, count=len(value)))
+    layers = {lay.weight: (lay.kind, lay) for gid in plan.selected for lay in
+              [*solver.groups[gid].producers, *solver.groups[gid].consumers]}
+    params = dict(module.named_parameters())
+    for weight, (kind, _) in layers.items():
+        u = np.abs(solver.w[weight])
+        bias = params.get(weight.rpartition(".")[0] + ".bias")
+        if bias is not None:
+            out.append(np.abs(bias.detach().numpy()))
+        if kind == "affine" or u.ndim < 2:
+            out.append(u)
+            continue
+        groups = next((c.conv_groups for _, c in solver.cons.get(weight, [])), 1)
+        ch = in_channel_index("conv", u.shape[:2], groups) if u.ndim > 2 else np.arange(u.shape[1])[None, :]
+        keys = [solver.column_var(weight, int(c)) for c in range(int(ch.max()) + 1)]
+        b = np.array([1.0 if k is None else value.get(k, 1.0) for k in keys])[ch]
+        out.append((u * b.reshape(b.shape + (1,) * (u.ndim - 2))).ravel())
+    flat = np.concatenate([o.ravel() for o in out]) if out else np.zeros(0)
+    return flat[flat > 0]
+
+
+def in_range(plan: ReparamPlan, module, solver, dtype: torch.dtype) -> bool:
+    """Do the path model's values fit ``dtype`` with a margin of 2^10 at both ends?"""
+    info = torch.finfo(dtype)
+    mags = _magnitudes(plan, module, solver)
+    return not mags.size or (mags.min() >= info.tiny * 2 ** 10 and mags.max() <= info.max * 2 ** -10)
+
+
+@torch.no_grad()
+def solve(groups: RescalingGroups, policy: str = "per-block", value_dtype: torch.dtype | None = None):
+    """(plan, reparameterized float64 copy of ``groups.module``, basis-value function).
+
+    ``value_dtype``: the dtype the path model will run in. Path values are products of weights
+    along whole paths and hidden activations scale by products of red weights, so on a deep
+    network they leave even float32's range; then every k-th selected group by distance to the
+    output (k = 32, 16, …, 1, the largest that fits) stays in weight space, which restarts those
+    products there.
+    """
+    selected, kept = select_groups(groups, policy, groups.source)
+    plan, module, solver = _attempt(groups, selected, kept)
+    if value_dtype is None or value_dtype == torch.float64 or in_range(plan, module, solver, value_dtype):
+        return plan, module, solver
+    dist = plan.distance
+    k = 1 << int(np.log2(max(dist.values(), default=1)))
+    while True:
+        cut = [g for g in selected if dist.get(g, 0) % k == 0]
+        reason = f"path values would leave {str(value_dtype).replace('torch.', '')}'s range " \
+                 f"(every {k}{'st' if k == 1 else 'th'} group by distance to the output)"
+        plan, module, solver = _attempt(groups, [g for g in selected if g not in cut],
+                                        {**kept, reason: sum(solver.groups[g].width for g in cut)})
+        if k == 1 or in_range(plan, module, solver, value_dtype):
+            return plan, module, solver
+        k //= 2

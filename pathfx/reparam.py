@@ -119,12 +119,14 @@ def _slots(solver, plan, weight: str, shape, groups: int):
 
 def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", pbn: bool = True,
                    init: str = "preserve", leaf_modules=(), copy_model: bool = True,
-                   check: bool = True) -> tuple[fx.GraphModule, ReparamReport]:
+                   check: bool = True, value_dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, ReparamReport]:
     """A path-parameterized copy of ``model`` and its report; ``model`` is never modified.
 
     ``copy_model=False`` builds on ``model`` itself, which is then changed (a caller's private
     copy). ``check``: with ``init="preserve"``, measure ``report.max_rel_error`` against ``model``
     in float64 (two float64 copies; off when the caller verifies the result itself).
+    ``value_dtype``: the dtype the path model is meant to run in (default: the model's); groups
+    are kept in weight space where path values would leave its range (``passes.reparam.solve``).
     """
     if init not in INITS:
         raise InputError(f"unknown init '{init}': expected one of {', '.join(INITS)}")
@@ -140,9 +142,10 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
         raise InputError(f"layer(s) {', '.join(fold_report.copied)} feed a BatchNorm and other nodes: "
                          "the BN is folded into a copy, which path reparameterization does not follow")
     groups = analyze(folded, name=type(model).__name__)
-    plan, rmod, solver = solve(groups, policy)
-    bn_after = {layer: bn for layer, bn in fold_report.folded}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # "paper" sets fresh path values: only the converted ones of "preserve" can leave the range
+    plan, rmod, solver = solve(groups, policy, value_dtype=(value_dtype or dtype) if init == "preserve" else None)
+    bn_after = {layer: bn for layer, bn in fold_report.folded}
     modules = dict(gm.named_modules())
     sel = [g for g in groups.groups if g.id in plan.selected]
     layer_names, affine_names = [], set()

@@ -135,6 +135,8 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     work = float64_copy(model).eval() if copy_model else model.to(torch.float64).eval()
     args = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
     ref = reference(work, args, n_random=n_random) if verify else None
+    if mode == "path":  # the float64 copy is reparameterized for the dtype the result is handed back in
+        pass_options.setdefault("value_dtype", dtype)
     result = run_pipeline(mode, work, args, owned=True, **pass_options)
     del work, model
     result.state.pop("model")  # the float64 copy's leaves not in the result can go

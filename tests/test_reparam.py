@@ -230,3 +230,26 @@ def test_paper_init_keeps_every_basis_at_one_and_gradients_bounded():
     F.cross_entropy(path(x), torch.randint(0, 10, (16,))).backward()
     norm = sum(p.grad.norm() ** 2 for p in path.parameters() if p.grad is not None) ** 0.5
     assert torch.isfinite(norm) and norm < 1e3, norm
+
+
+def test_deep_chain_keeps_groups_in_weight_space_where_path_values_leave_the_dtype():
+    # 40 layers of weights ~0.05: path values ~0.05^40 = 1e-52, below float32's smallest number
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 6)] + [m for _ in range(39) for m in (nn.ReLU(), nn.Linear(6, 6))]
+    net = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(0.05 / m.weight.abs().mean())
+    x = torch.randn(4, 6)
+    gm, report = pathfx.reparameterize(net, x, pbn=False)
+    reason = next(r for r in report.weight_space if "leave float32's range" in r)
+    assert 0 < report.weight_space[reason] < 39 * 6 and report.reparameterized_groups
+    assert report.max_rel_error <= 1e-5  # the float32 path model against the original, in float64
+    values = torch.cat([p.detach().abs().flatten() for p in gm.parameters()])
+    assert values[values > 0].min() >= torch.finfo(torch.float32).tiny * 2 ** 10
+    with torch.no_grad():
+        assert torch.isfinite(gm(x)).all()
+    _, full = pathfx.reparameterize(net.double(), x.double(), pbn=False)  # float64 holds the whole path form
+    assert not any("range" in r for r in full.weight_space) and len(full.reparameterized_groups) == 39
+    assert full.max_rel_error <= 1e-10

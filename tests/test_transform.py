@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import pathfx
 import zoo
+from passes import reparam as reparam_pass
 from passes.errors import InputError, ShapeError, VerificationError
 from pathfx.cli import main
 from pathfx.data import digits
@@ -166,18 +167,27 @@ def test_readme_snippet_runs():
     assert r.verification.ok
 
 
-def test_path_form_outside_float32_is_refused_not_returned_with_nan():
-    """ShuffleNet's path values underflow float32: the float64 check passes, the cast result would
-    output NaN (and 'NaN == NaN' once passed the ONNX comparison): transform must refuse it."""
+def test_deep_path_form_keeps_groups_in_weight_space_to_stay_in_float32(monkeypatch):
+    """ShuffleNet's path values underflow float32 when every group is reparameterized: every 4th
+    group by distance to the output stays in weight space, and the float32 result is finite.
+    Without that choice the cast result outputs NaN (which once passed 'NaN == NaN'): transform's
+    last check refuses it."""
     torch.manual_seed(0)
-    model = zoo.build("shufflenet_v2_x0_5").eval()
+    model, x = zoo.build("shufflenet_v2_x0_5").eval(), torch.randn(1, 3, 64, 64)
+    r = pathfx.transform(model, x, mode="path", n_random=0)
+    assert r.verification.ok and len(r.report.reparameterized_groups) > 0
+    assert any("leave float32's range" in reason for reason in r.report.weight_space), r.report.weight_space
+    with torch.no_grad():
+        assert torch.isfinite(r.model.eval()(x)).all()
+    monkeypatch.setattr(reparam_pass, "in_range", lambda *a: True)  # reparameterize every group
     with pytest.raises(VerificationError, match="NaN or Inf in torch.float32"):
-        pathfx.transform(model, torch.randn(1, 3, 64, 64), mode="path", n_random=0)
-    r = pathfx.transform(model.double(), torch.randn(1, 3, 64, 64).double(), mode="path", n_random=0)
-    assert r.verification.ok  # in float64 the same path form is fine
+        pathfx.transform(model, x, mode="path", n_random=0)
+    r = pathfx.transform(model.double(), x.double(), mode="path", n_random=0)
+    assert r.verification.ok and not r.report.weight_space  # in float64 the full path form is fine
 
 
-def test_transform_cli_exits_1_when_verification_fails(capsys, tmp_path):
+def test_transform_cli_exits_1_when_verification_fails(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(reparam_pass, "in_range", lambda *a: True)  # a path form float32 cannot hold
     out = tmp_path / "m.onnx"
     code = main(["transform", "shufflenet_v2_x0_5", "--mode", "path", "--input-shape", "1,3,64,64",
                  "--n-random", "0", "--export", str(out)])
