@@ -35,16 +35,18 @@ def positive_blocks(E, blocks: int) -> np.ndarray:
 
 def _nonzero_pairs(E, blocks: int, rows: int, cols: int, which: np.ndarray):
     """(column index, row index) in flat block-major numbering for the nonzero entries of the
-    blocks ``which``; for one big block, aggregated by node instead (see ``_aggregate``)."""
+    blocks ``which`` (weights of several blocks are small: grouped and depthwise convs)."""
     idx = torch.as_tensor(which, dtype=torch.long)
     nz = torch.nonzero(E.reshape(blocks, rows, cols)[idx] > 0).numpy()
     b = which[nz[:, 0]]
     return b * cols + nz[:, 2], b * rows + nz[:, 1]
 
 
-def _aggregate(E, rnode: np.ndarray, cnode: np.ndarray):
-    """Node-level edges of a one-block weight without listing its entries: sum the nonzero
-    pattern over the columns of each column node, then over the rows of each row node."""
+def _aggregate(E, rnode: np.ndarray, cnode: np.ndarray, hub: int):
+    """Edges of a one-block weight with zero entries, by node, without listing its entries: count
+    the nonzero entries between each row node and each column node, then join every column node
+    that has any to a hub that feeds the row nodes joined to all of them, and give only the other
+    row nodes (a few, when zeros are scattered: random weights hold exact zeros) explicit edges."""
     ucol, cl = np.unique(cnode, return_inverse=True)
     urow, rl = np.unique(rnode, return_inverse=True)
     cl, rl = torch.as_tensor(cl.ravel()), torch.as_tensor(rl.ravel())
@@ -53,8 +55,13 @@ def _aggregate(E, rnode: np.ndarray, cnode: np.ndarray):
     for start, e in chunks:
         T = torch.zeros(len(e), len(ucol)).index_add_(1, cl, (e > 0).float())
         A.index_add_(0, rl[start:start + len(e)], T)
-    i, j = np.nonzero(A.numpy())
-    return ucol[j], urow[i]
+    Z = (A > 0).numpy()
+    used = Z.any(0)
+    whole = Z[:, used].all(1) & used.any()
+    i, j = np.nonzero(Z[~whole])
+    rest = urow[~whole]
+    return ([ucol[used], np.full(int(whole.sum()), hub), ucol[j]],
+            [np.full(int(used.sum()), hub), urow[whole], rest[i]])
 
 
 def edges(E, blocks: int, rows: int, cols: int, rvar: np.ndarray, cvar: np.ndarray, hub: int,
@@ -71,8 +78,9 @@ def edges(E, blocks: int, rows: int, cols: int, rvar: np.ndarray, cvar: np.ndarr
         dst += [np.repeat(h, cols), rnode.reshape(blocks, rows)[fb].ravel()]
     pb = np.flatnonzero(~full)
     if len(pb) and blocks == 1:
-        s, d = _aggregate(E, rnode, cnode)
-        src.append(s), dst.append(d)
+        s, d = _aggregate(E, rnode, cnode, hub)
+        src += s
+        dst += d
     elif len(pb):
         c, r = _nonzero_pairs(E, blocks, rows, cols, pb)
         src.append(cnode[c]), dst.append(rnode[r])

@@ -389,3 +389,49 @@ def test_large_weights_read_in_blocks_balance_alike(monkeypatch, p):
     for (name, a), b in zip(dense.named_parameters(), lazy.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)
     assert [d.variables for d in rep_lazy.dead] == [d.variables for d in rep_dense.dead] != []
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_live_variables_match_reachability_over_entries(seed):
+    """passes/enorm_reach.live (hubs, zero rows and columns, scattered zeros, grouped blocks)
+    against plain reachability over every nonzero entry."""
+    import networkx as nx
+
+    from passes import enorm_reach
+
+    rng = np.random.default_rng(seed)
+    n_vars = 9
+    shapes, rvars, cvars, energies = [], [], [], []
+    graph = nx.DiGraph()
+    for _ in range(4):
+        blocks = int(rng.choice([1, 1, 2, 3]))
+        rows, cols = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        density = rng.choice([1.0, 0.97, 0.6, 0.3])
+        E = torch.as_tensor(rng.random((blocks, rows, cols)) * (rng.random((blocks, rows, cols)) < density))
+        rv = rng.integers(-1, n_vars, blocks * rows)
+        cv = rng.integers(-1, n_vars, blocks * cols)
+        shapes.append((blocks, rows, cols)), rvars.append(rv), cvars.append(cv), energies.append(E)
+        for b, o, i in zip(*np.nonzero(E.numpy())):
+            graph.add_edge(("v", cv[b * cols + i]) if cv[b * cols + i] >= 0 else "source",
+                           ("v", rv[b * rows + o]) if rv[b * rows + o] >= 0 else "sink")
+    fulls = [enorm_reach.positive_blocks(E, s[0]) for E, s in zip(energies, shapes)]
+    got = enorm_reach.live(n_vars, shapes, rvars, cvars, energies, fulls)
+    graph.add_nodes_from(["source", "sink"])
+    fwd, bwd = nx.descendants(graph, "source"), nx.ancestors(graph, "sink")
+    want = np.array([("v", k) in fwd and ("v", k) in bwd for k in range(n_vars)])
+    assert (got == want).all(), (got, want)
+
+
+def test_scattered_zeros_cost_few_edges():
+    from passes import enorm_reach
+
+    E = torch.rand(1, 300, 400) + 0.1
+    E[0, [3, 50, 51, 299], [7, 8, 8, 399]] = 0  # exact zeros, as random weights hold a few
+    E[0, 5] = 0  # unit 5 has no incoming weight
+    rv, src_cols = np.arange(300), np.full(400, -1)
+    src, _ = enorm_reach.edges(E, 1, 300, 400, rv, np.arange(400), 1000, np.array([False]))
+    assert sum(len(s) for s in src) <= 400 + 300 + 5 * 400  # not 300 × 400
+    out = torch.ones(1, 10, 300)  # the 300 units feed a dense output layer
+    live = enorm_reach.live(300, [(1, 300, 400), (1, 10, 300)], [rv, np.full(10, -1)], [src_cols, rv],
+                            [E, out], [np.array([False]), np.array([True])])
+    assert live.tolist() == [k != 5 for k in range(300)]

@@ -82,6 +82,9 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
             f"ok, no free group ({Counter(b.op for b in g.barriers).most_common(1)[0][0] if g.barriers else '-'})"
         if mode == "path" and g.num_free and not res.report.variables:  # verified, but nothing was rewritten
             status = f"ok, nothing reparameterized ({', '.join(res.report.weight_space) or '-'})"
+        elif mode == "path" and res.report is not None:
+            ranged = sum(n for reason, n in res.report.weight_space.items() if "range" in reason)
+            status += f", {ranged} variables kept in weight space for float32's range" if ranged else ""
         if res.verification.insensitive:
             status += " (the output barely depends on the input: verification checks little)"
         r.update(onnxruntime=f"{rep.max_rel:.1e}", status=status)
@@ -154,10 +157,12 @@ def _status_kind(text: str, mode: str) -> str:
     if mode == "analyze":
         return "sound" if text.endswith(" ok") else text if text in ("nothing to check", "not run (size)") else \
             "FAILED" if "FAILED" in text else "not traced"
-    if text.startswith("ok (the output barely depends"):
+    if text.startswith("ok") and "barely depends on the input" in text:
         return "verify and export, output barely depends on the input"
     if text == "ok":
         return "verify and export"
+    if text.startswith("ok, ") and text.endswith("for float32's range"):
+        return "verify and export, some groups kept in weight space for float32's range"
     if text.startswith("ok, no free group"):
         return "verify and export with no free group"
     if text.startswith("ok, nothing reparameterized"):
@@ -181,7 +186,8 @@ def read_table(path: str, columns) -> dict[str, dict]:
 def passed(r: dict, mode: str) -> bool:
     return _status_kind(r.get("check" if mode == "analyze" else "status", "-"), mode) in (
         "sound", "nothing to check", "verify and export", "verify and export with no free group",
-        "verify and export with nothing reparameterized", "verify and export, output barely depends on the input")
+        "verify and export with nothing reparameterized", "verify and export, output barely depends on the input",
+        "verify and export, some groups kept in weight space for float32's range")
 
 
 def run(args) -> int:
