@@ -148,7 +148,7 @@ class RescalingGroups:
         return Counter(b.op for b in self.barriers)
 
     def __str__(self) -> str:
-        from .table import table
+        from .table import by_reason, table
 
         rows = []
         for g in self.groups:
@@ -160,10 +160,8 @@ class RescalingGroups:
                f"{self.num_frozen} frozen, {len(self.barriers)} barriers"
         out = [head, table(["group", "width", "frozen", "producers", "consumers", "tags", "first producer"], rows)]
         if self.frozen:
-            reasons = Counter()
-            for f in self.frozen:
-                reasons[f.reason] += f.count
-            out.append(table(["frozen variables", "reason"], [[n, r] for r, n in reasons.most_common(12)]))
+            out.append(table(["frozen variables", "places", "reason", "at"],
+                             by_reason((f.reason, f.count) for f in self.frozen)))
         if self.barriers:
             out.append(table(["barrier op", "count", "first node"],
                              [[op, n, next(b.node for b in self.barriers if b.op == op)]

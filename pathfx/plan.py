@@ -83,7 +83,7 @@ class Plan:
         return cls(**d)
 
     def __str__(self) -> str:
-        from passes.table import table
+        from passes.table import by_reason, table
 
         opt = self.optimizer_settings
         head = (f"plan {self.kind} for {self.model_name} ({self.mode} form): {opt['name']} lr {opt['lr']} "
@@ -96,10 +96,8 @@ class Plan:
         rows = [[len(self.acts_on), width, len(self.weight_space)]]
         out = [head, table(["groups acted on", "variables", "left in weight space"], rows)]
         if self.weight_space:
-            reasons = {}
-            for w in self.weight_space:
-                reasons[w["reason"]] = reasons.get(w["reason"], 0) + 1
-            out.append(table(["weight-space items", "reason"], [[n, r] for r, n in reasons.items()]))
+            out.append(table(["weight-space items", "reason", "at"],
+                             [r[1:] for r in by_reason((w["reason"], 1) for w in self.weight_space)]))
         return "\n".join(out)
 
     # -- builders -----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def test_dot_file_written_and_not_overwritten(capsys, tmp_path):
     (["groups", "resnet18", "--input-shape", "1,3,x"], ["does not parse"]),
     (["groups", "resnet18", "--input-shape", "1,4,64,64"], ["conv1", "channels"]),
     (["groups", "no_such_pkg.models:build"], ["cannot import 'no_such_pkg.models'"]),
+    (["groups", "no/such/models.py:build"], ["cannot import 'no/such/models.py'", "no file"]),
     (["groups", "cli_models:nothing"], ["no callable 'nothing'"]),
     (["groups", "cli_models:untraceable", "--input-shape", "1,3,8,8"], ["gate", "leaf_modules", "cli_models.py"]),
     (["groups", "cli_models:mlp", "--dot", "/no/such/dir/g.dot"], ["does not exist"]),
@@ -61,10 +62,17 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, words):
         assert w in err, err
 
 
+def test_model_from_a_source_file(capsys):
+    path = os.path.join(HERE, "cli_models.py")
+    code, out, _ = run(capsys, "groups", f"{path}:mlp")
+    assert code == 0 and out.startswith(f"{path}:mlp: 2 groups"), out
+
+
 def test_leaf_option_makes_untraceable_submodule_a_barrier(capsys):
     code, out, _ = run(capsys, "groups", "cli_models:untraceable", "--input-shape", "1,3,8,8", "--leaf", "gate")
     assert code == 0
-    assert "input of Gate at node 'gate' (unknown opaque leaf module" in out
+    row = next(line for line in out.splitlines() if "input of Gate (unknown opaque leaf module" in line)
+    assert row.split()[:2] == ["8", "1"] and row.rstrip().endswith("gate")
     assert "0 groups, 0 free variables, 10 frozen, 1 barriers" in out
 
 

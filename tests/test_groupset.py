@@ -64,6 +64,27 @@ def test_str_is_a_table():
     assert [r[:5] for r in rows[:2]] == [["0", "4", "0", "2", "3"], ["1", "4", "0", "1", "1"]]
 
 
+class Gated(nn.Module):
+    """The same barrier in five places: the frozen table says it once, with its places."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sigmoid(layer(x))
+        return x
+
+
+def test_frozen_reasons_are_grouped_over_nodes():
+    g = find_groups(Gated().double(), torch.randn(2, 4, dtype=torch.float64))
+    lines = [line for line in str(g).splitlines() if "input of sigmoid" in line]
+    assert len(lines) == 1 and "at node" not in lines[0]
+    amount, places = map(int, lines[0].split()[:2])
+    assert (amount, places) == (20, 5) and "sigmoid and 4 more" in lines[0]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside pydot's parser
 def test_dot_parses_and_has_every_group():
     g, _ = groups()

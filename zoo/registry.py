@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,15 +69,31 @@ def lookup(name: str) -> Entry:
 
 
 def _factory(spec: str) -> Entry:
-    mod_name, _, attr = spec.partition(":")
+    mod_name, _, attr = spec.rpartition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        mod = _load_file(mod_name) if mod_name.endswith(".py") else importlib.import_module(mod_name)
     except Exception as e:
         raise ModelNotFound(f"cannot import '{mod_name}' for model '{spec}': {type(e).__name__}: {e}") from None
     fn = getattr(mod, attr, None)
     if fn is None or not callable(fn):
         raise ModelNotFound(f"'{mod_name}' has no callable '{attr}' (model '{spec}')")
     return Entry(spec, fn, getattr(fn, "input_shape", None), "factory")
+
+
+def _load_file(path: str):
+    """A module from a source file, so ``path/to/models.py:build`` works as ``models:build`` does."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file '{path}'")
+    name = "pathfx_user_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
 
 
 def build(name: str, **kw) -> nn.Module:
