@@ -63,8 +63,13 @@ def _centre(shape) -> tuple:
     return tuple(s // 2 for s in shape[2:])
 
 
-def select_groups(groups: RescalingGroups, policy: str, module) -> tuple[list[int], dict[str, int]]:
-    """Groups the policy reparameterizes; every group whose layers are not conv/linear/affine modules is left out."""
+SHARED_BN = "a layer of the group feeds a BatchNorm and other nodes (the BN is folded into a copy)"
+
+
+def select_groups(groups: RescalingGroups, policy: str, module,
+                  avoid: frozenset = frozenset()) -> tuple[list[int], dict[str, int]]:
+    """Groups the policy reparameterizes; every group whose layers are not conv/linear/affine
+    modules, or touch a layer named in ``avoid``, is left out."""
     from .errors import InputError
     if policy not in POLICIES:
         raise InputError(f"unknown policy '{policy}': expected one of {', '.join(POLICIES)}")
@@ -72,7 +77,9 @@ def select_groups(groups: RescalingGroups, policy: str, module) -> tuple[list[in
     kept, out = {}, []
     for g in groups.groups:
         layers = [p.weight for p in g.producers] + [c.weight for c in g.consumers]
-        if policy == "per-block" and any(t in g.tags for t in STREAM_TAGS):
+        if any(w.rpartition(".")[0] in avoid for w in layers):
+            kept[SHARED_BN] = kept.get(SHARED_BN, 0) + g.width
+        elif policy == "per-block" and any(t in g.tags for t in STREAM_TAGS):
             kept["residual stream (policy per-block)"] = kept.get("residual stream (policy per-block)", 0) + g.width
         elif any(w.rpartition(".")[0] not in modules or w.rpartition(".")[2] != "weight" for w in layers):
             kept["a layer of the group is not a module (functional conv/linear)"] = \
@@ -315,7 +322,8 @@ def in_range(plan: ReparamPlan, module, solver, dtype: torch.dtype) -> bool:
 
 
 @torch.no_grad()
-def solve(groups: RescalingGroups, policy: str = "per-block", value_dtype: torch.dtype | None = None):
+def solve(groups: RescalingGroups, policy: str = "per-block", value_dtype: torch.dtype | None = None,
+          avoid: frozenset = frozenset()):
     """(plan, reparameterized float64 copy of ``groups.module``, basis-value function).
 
     ``value_dtype``: the dtype the path model will run in. Path values are products of weights
@@ -324,7 +332,7 @@ def solve(groups: RescalingGroups, policy: str = "per-block", value_dtype: torch
     output (k = 32, 16, …, 1, the largest that fits) stays in weight space, which restarts those
     products there.
     """
-    selected, kept = select_groups(groups, policy, groups.source)
+    selected, kept = select_groups(groups, policy, groups.source, avoid)
     plan, module, solver = _attempt(groups, selected, kept)
     if value_dtype is None or value_dtype == torch.float64 or in_range(plan, module, solver, value_dtype):
         return plan, module, solver

@@ -138,15 +138,16 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
     propagate(gm, inputs)
     # folded for the analysis only: a GraphModule over the same leaves, where fold_bn sets new modules
     folded, fold_report = fold_bn(fx.GraphModule(gm, copy.deepcopy(gm.graph)), inplace=True)
-    if fold_report.copied:
-        raise InputError(f"layer(s) {', '.join(fold_report.copied)} feed a BatchNorm and other nodes: "
-                         "the BN is folded into a copy, which path reparameterization does not follow")
+    # A layer that feeds a BN and other nodes exists twice in the analysis (as it is, and folded
+    # into a copy) but once in the model: the groups of both stay in weight space.
+    modules = dict(gm.named_modules())
+    avoid = frozenset(fold_report.copied) | {name for name, _ in fold_report.folded if name not in modules}
     groups = analyze(folded, name=type(model).__name__)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     # "paper" sets fresh path values: only the converted ones of "preserve" can leave the range
-    plan, rmod, solver = solve(groups, policy, value_dtype=(value_dtype or dtype) if init == "preserve" else None)
+    plan, rmod, solver = solve(groups, policy, value_dtype=(value_dtype or dtype) if init == "preserve" else None,
+                               avoid=avoid)
     bn_after = {layer: bn for layer, bn in fold_report.folded}
-    modules = dict(gm.named_modules())
     sel = [g for g in groups.groups if g.id in plan.selected]
     layer_names, affine_names = [], set()
     for g in sel:

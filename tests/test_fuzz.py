@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, assume, event, given, settings
 import pathfx
 from fuzz_models import NOT_RELU, FuzzNet, fuzz_nets
 from passes.enorm import balance
-from passes.errors import InputError, PathfxError
+from passes.errors import PathfxError
 from passes.fold import fold
 from passes.fold_bn import BATCHNORMS
 from passes.groupset import apply_factors
 from passes.onnx_export import fold_for_export
 from passes.pathnorm import path_norm
+from passes.reparam import SHARED_BN
 from passes.soundness import check_soundness, outputs, random_factors, rel_error
 from pathfx.nn import PBN, PathLayer
 
@@ -89,12 +90,9 @@ def _transform(net):
         assert before > 0
     event("path-norm refused" if refused else "path-norm compared")
     for mode in ("balance", "path"):
-        try:
-            r = pathfx.transform(net, x, mode=mode, **({"cycles": 3} if mode == "balance" else {}))
-        except InputError as e:  # a documented limit of the path form
-            assert mode == "path" and "feed a BatchNorm and other nodes" in str(e), str(e)
-            event("path form refused: BN folded into a copy")
-            continue
+        r = pathfx.transform(net, x, mode=mode, **({"cycles": 3} if mode == "balance" else {}))
+        if mode == "path" and SHARED_BN in r.report.weight_space:
+            event("path form: groups of a layer feeding a BN and other nodes kept in weight space")
         assert r.verification.ok and r.verification.max_rel <= 1e-10, str(r.verification)
         if before is not None:
             after = path_norm(r.model, shape)
@@ -157,11 +155,7 @@ def _perturb(pm, x, seed):
 
 def _fold(net):
     x = net.example()
-    try:
-        pm = pathfx.transform(net, x, mode="path").model
-    except InputError as e:
-        assert "feed a BatchNorm and other nodes" in str(e), str(e)
-        assume(False)
+    pm = pathfx.transform(net, x, mode="path").model
     assert any(isinstance(m, PBN) for m in pm.modules())  # the strategy's closing layer-BN-ReLU-layer-BN
     ref = outputs(_eval(net), [x])
     for step in ("preserved", "perturbed"):
@@ -195,11 +189,8 @@ def _onnx(net):
             # which onnxruntime approximates); a rewritten model must export whenever the original does.
             event(f"the original does not export: {type(e).__name__}")
             assume(False)
-        models = {"balanced": pathfx.transform(net, x, mode="balance", cycles=3).model}
-        try:
-            models["path"] = pathfx.transform(net, x, mode="path").model
-        except InputError as e:
-            assert "feed a BatchNorm and other nodes" in str(e), str(e)
+        models = {"balanced": pathfx.transform(net, x, mode="balance", cycles=3).model,
+                  "path": pathfx.transform(net, x, mode="path").model}
         for name, m in models.items():
             r = export(name, m)
             assert r.verification.ok and r.max_rel <= 1e-4, (name, str(r.verification))

@@ -10,6 +10,7 @@ import pathfx
 import zoo
 from pathfx.nn import PBN, PathLayer
 from passes.fold import fold
+from passes.reparam import SHARED_BN
 from passes.soundness import outputs, rel_error
 
 
@@ -253,3 +254,26 @@ def test_deep_chain_keeps_groups_in_weight_space_where_path_values_leave_the_dty
     _, full = pathfx.reparameterize(net.double(), x.double(), pbn=False)  # float64 holds the whole path form
     assert not any("range" in r for r in full.weight_space) and len(full.reparameterized_groups) == 39
     assert full.max_rel_error <= 1e-10
+
+
+class SharedBN(nn.Module):
+    """c1 feeds its BatchNorm and, past it, the skip: folding the BN needs a copy of c1."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.bn, self.c2, self.c3 = nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.bn3, self.c4 = nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.c1(torch.relu(self.c0(x)))
+        h = torch.relu(self.c2(torch.relu(self.bn(h)))) + h
+        return self.c4(torch.relu(self.bn3(self.c3(h))))
+
+
+def test_layer_feeding_a_batchnorm_and_other_nodes_keeps_its_groups_in_weight_space():
+    pm, rep = _check(SharedBN(), 8, "global", True)
+    # c1's input, its output through the BN (read by c2) and the stream c1 + c2: 3 groups of 6
+    assert rep.weight_space[SHARED_BN] == 18
+    assert rep.path_layers == ["c3", "c4"] and rep.bn_layers == ["bn3"]
+    assert isinstance(pm.get_submodule("bn"), nn.BatchNorm2d)  # left as it was
