@@ -87,7 +87,12 @@ def _transform(net):
         before = None
     else:
         before = path_norm(net, shape)
-        assert before > 0
+        if before == 0:  # no path from the input reaches an output: the output is a constant
+            ev = _eval(net)
+            other = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(net.seed))
+            assert all(torch.equal(a, b) for a, b in zip(outputs(ev, [x]), outputs(ev, [other])))
+            event("path-norm 0: the output does not depend on the input")
+        assert before >= 0
     event("path-norm refused" if refused else "path-norm compared")
     for mode in ("balance", "path"):
         r = pathfx.transform(net, x, mode=mode, **({"cycles": 3} if mode == "balance" else {}))

@@ -31,6 +31,23 @@ def test_two_batchnorms_after_a_layer_fold_as_layer_and_affine():
         assert pathfx.transform(net, x, mode=mode).verification.ok
 
 
+def test_a_network_whose_output_reads_only_padding_has_path_norm_zero():
+    # the property assumed a positive path-norm; here the last strided 1×1 conv reads only the
+    # padding the conv before it added, so no path reaches the output and the output is 0
+    net = FuzzNet(in_shape=(1, 6, 6), seed=0, training=False,
+                  specs=["nn.Conv2d(1, 1, 3, 1, 0, 2, 1, False, 'zeros')",
+                         "nn.Conv2d(1, 1, 1, 2, 1, 1, 1, False, 'zeros')",
+                         "nn.Conv2d(1, 1, 1, 2, 0, 1, 1, False, 'zeros')"],
+                  plan=[("mod", 0, 0), ("fn", 1, "relu"), ("mod", 2, 1), ("mod", 3, 2)])
+    x = net.example()
+    assert path_norm(net, (1, 1, 6, 6)) == 0.0
+    assert torch.equal(net(x), torch.zeros(2, 1, 1, 1, dtype=D))
+    for mode in ("balance", "path"):
+        r = pathfx.transform(net, x, mode=mode)
+        assert r.verification.ok and r.verification.insensitive
+        assert path_norm(r.model, (1, 1, 6, 6)) == 0.0
+
+
 class _Signs(nn.Module):
     def __init__(self):
         super().__init__()
