@@ -64,6 +64,7 @@ def _centre(shape) -> tuple:
 
 
 SHARED_BN = "a layer of the group feeds a BatchNorm and other nodes (the BN is folded into a copy)"
+OUT_OF_RANGE = "path values would leave"  # how the reasons of ``solve``'s range cuts begin
 
 
 def select_groups(groups: RescalingGroups, policy: str, module,
@@ -78,14 +79,15 @@ def select_groups(groups: RescalingGroups, policy: str, module,
     for g in groups.groups:
         layers = [p.weight for p in g.producers] + [c.weight for c in g.consumers]
         if any(w.rpartition(".")[0] in avoid for w in layers):
-            kept[SHARED_BN] = kept.get(SHARED_BN, 0) + g.width
+            reason = SHARED_BN
         elif policy == "per-block" and any(t in g.tags for t in STREAM_TAGS):
-            kept["residual stream (policy per-block)"] = kept.get("residual stream (policy per-block)", 0) + g.width
+            reason = "residual stream (policy per-block)"
         elif any(w.rpartition(".")[0] not in modules or w.rpartition(".")[2] != "weight" for w in layers):
-            kept["a layer of the group is not a module (functional conv/linear)"] = \
-                kept.get("a layer of the group is not a module (functional conv/linear)", 0) + g.width
+            reason = "a layer of the group is not a module (functional conv/linear)"
         else:
             out.append(g.id)
+            continue
+        kept[reason] = kept.get(reason, 0) + g.width
     return out, kept
 
 
@@ -340,7 +342,7 @@ def solve(groups: RescalingGroups, policy: str = "per-block", value_dtype: torch
     k = 1 << int(np.log2(max(dist.values(), default=1)))
     while True:
         cut = [g for g in selected if dist.get(g, 0) % k == 0]
-        reason = f"path values would leave {str(value_dtype).replace('torch.', '')}'s range " \
+        reason = f"{OUT_OF_RANGE} {str(value_dtype).replace('torch.', '')}'s range " \
                  f"(every {k}{'st' if k == 1 else 'th'} group by distance to the output)"
         plan, module, solver = _attempt(groups, [g for g in selected if g not in cut],
                                         {**kept, reason: sum(solver.groups[g].width for g in cut)})

@@ -16,8 +16,8 @@ _AT_NODE = re.compile(r" at node '([^']*)'")
 
 
 def by_reason(items) -> list[list]:
-    """Rows [amount, places, reason] for (reason, amount) pairs, one row per reason once its node
-    name is taken out, so that one barrier repeated through a network takes one line."""
+    """Rows [amount, places, reason, first node] for (reason, amount) pairs, one row per reason
+    once its node name is taken out, so that one barrier repeated through a network takes one line."""
     rows: dict[str, list] = {}
     for reason, amount in items:
         m = _AT_NODE.search(reason)

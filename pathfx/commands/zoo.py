@@ -11,6 +11,7 @@ from tqdm import tqdm
 import pathfx
 import zoo
 from passes.errors import InputError, PathfxError
+from passes.reparam import OUT_OF_RANGE
 from passes.soundness import check_soundness
 
 from ._common import write_atomic
@@ -83,7 +84,7 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
         if mode == "path" and g.num_free and not res.report.variables:  # verified, but nothing was rewritten
             status = f"ok, nothing reparameterized ({', '.join(res.report.weight_space) or '-'})"
         elif mode == "path" and res.report is not None:
-            ranged = sum(n for reason, n in res.report.weight_space.items() if "range" in reason)
+            ranged = sum(n for reason, n in res.report.weight_space.items() if reason.startswith(OUT_OF_RANGE))
             status += f", {ranged} variables kept in weight space for float32's range" if ranged else ""
         if res.verification.insensitive:
             status += " (the output barely depends on the input: verification checks little)"
@@ -153,20 +154,28 @@ def summary(rows, mode: str) -> str:
     return "\n" + f"{len(rows)} models: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()) + "\n"
 
 
+# kinds of passing transform rows, as the count line under a table names them
+CLEAN = "verify and export"
+INSENSITIVE = "verify and export, output barely depends on the input"
+RANGED = "verify and export, some groups kept in weight space for float32's range"
+NO_GROUP = "verify and export with no free group"
+NOTHING_REWRITTEN = "verify and export with nothing reparameterized"
+
+
 def _status_kind(text: str, mode: str) -> str:
     if mode == "analyze":
         return "sound" if text.endswith(" ok") else text if text in ("nothing to check", "not run (size)") else \
             "FAILED" if "FAILED" in text else "not traced"
     if text.startswith("ok") and "barely depends on the input" in text:
-        return "verify and export, output barely depends on the input"
+        return INSENSITIVE
     if text == "ok":
-        return "verify and export"
+        return CLEAN
     if text.startswith("ok, ") and text.endswith("for float32's range"):
-        return "verify and export, some groups kept in weight space for float32's range"
+        return RANGED
     if text.startswith("ok, no free group"):
-        return "verify and export with no free group"
+        return NO_GROUP
     if text.startswith("ok, nothing reparameterized"):
-        return "verify and export with nothing reparameterized"
+        return NOTHING_REWRITTEN
     if text.startswith("not run in the sweep"):
         return "not run in the sweep (size)"
     return text.split(":")[0]
@@ -185,9 +194,7 @@ def read_table(path: str, columns) -> dict[str, dict]:
 
 def passed(r: dict, mode: str) -> bool:
     return _status_kind(r.get("check" if mode == "analyze" else "status", "-"), mode) in (
-        "sound", "nothing to check", "verify and export", "verify and export with no free group",
-        "verify and export with nothing reparameterized", "verify and export, output barely depends on the input",
-        "verify and export, some groups kept in weight space for float32's range")
+        "sound", "nothing to check", CLEAN, NO_GROUP, NOTHING_REWRITTEN, INSENSITIVE, RANGED)
 
 
 def run(args) -> int:
