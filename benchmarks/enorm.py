@@ -16,7 +16,7 @@ import torch
 
 import zoo
 from passes import kernels
-from pathfx.analysis import prepare
+from passes.manager import prepare
 from pathfx.optim import ENorm
 
 

@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import pathfx
-from pathfx.data import digits
-from pathfx.train import evaluate
+from lab.data import digits
+from lab.train import evaluate
 
 
 def build() -> nn.Module:
@@ -61,8 +61,7 @@ def main():
             opt.zero_grad()
             loss = F.cross_entropy(ddp(x), y)
             loss.backward()
-            opt.step()
-            plan.after_step()  # on every rank
+            opt.step()  # on every rank: SGD, then (ENorm plan) one ENorm cycle
             sched.step()
             step += 1
             if step == args.steps:

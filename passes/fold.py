@@ -12,9 +12,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pathfx.nn import PBN, PathLayer
-
 from .fold_bn import fold_bn
+from .pathnn import PBN, PathLayer
 
 
 def _plain(base: nn.Module, weight: torch.Tensor, bias) -> nn.Module:
@@ -39,8 +38,7 @@ def fold(path_model: fx.GraphModule, fold_batchnorm: bool = True) -> fx.GraphMod
             new = _plain(mod.base, mod.weight, mod.bias)
         else:
             continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+        gm.set_submodule(name, new)
         done.append(name)
     gm.recompile()
     if fold_batchnorm:

@@ -38,6 +38,16 @@ class FoldReport:
     folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, batchnorm)
     copied: list[str] = field(default_factory=list)  # layers folded into a copy
     affine: list[str] = field(default_factory=list)  # batchnorms made explicit affines
+    # folded layers that still hold the unscaled weight (fold_bn(lazy=True)): (layer module, row scale)
+    pending: list = field(default_factory=list, repr=False, compare=False)
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Write the folded weights of a lazy fold (each layer's own new tensor; the original is untouched)."""
+        for layer, a in self.pending:
+            w = layer.weight
+            layer.weight = nn.Parameter(w * a.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1)), w.requires_grad)
+        self.pending.clear()
 
 
 def _bn_scale_shift(bn: nn.Module):
@@ -52,9 +62,10 @@ def _bn_scale_shift(bn: nn.Module):
 
 
 @torch.no_grad()
-def _folded(layer: nn.Module, bn: nn.Module, reuse: bool = False) -> nn.Module:
+def _folded(layer: nn.Module, bn: nn.Module, reuse: bool = False, pending: list | None = None) -> nn.Module:
     """A copy of ``layer`` with ``bn`` folded in; the original (maybe the caller's) is not touched,
-    unless ``reuse``: then ``layer`` itself is rewritten, and no second copy of its weight exists."""
+    unless ``reuse``: then ``layer`` itself is rewritten, and no second copy of its weight exists.
+    ``pending``: the copy keeps the unscaled weight for now and (copy, scale) is appended there."""
     a, shift = _bn_scale_shift(bn)  # the per-channel vectors in float64, the weight in its own dtype
     w = layer.weight
     scale = a.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
@@ -64,15 +75,13 @@ def _folded(layer: nn.Module, bn: nn.Module, reuse: bool = False) -> nn.Module:
     else:
         out = copy.copy(layer)
         out._parameters = dict(layer._parameters)
-        out.weight = nn.Parameter(w * scale, w.requires_grad)
+        if pending is None:
+            out.weight = nn.Parameter(w * scale, w.requires_grad)
+        else:
+            pending.append((out, a))
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
     out.bias = nn.Parameter((b * a + shift).to(w.dtype), w.requires_grad)
     return out
-
-
-def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
@@ -83,7 +92,7 @@ def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
 
 
 def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = False,
-            absorbed=()) -> tuple[fx.GraphModule, FoldReport]:
+            absorbed=(), lazy: bool = False) -> tuple[fx.GraphModule, FoldReport]:
     """Fold eval-mode BatchNorms of ``gm`` (a copy unless ``inplace``).
 
     Even in place, no module object is mutated: folded layers and affines are new modules
@@ -92,7 +101,9 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
     rewritten in place instead, for a caller that owns every leaf and no longer needs the
     unfolded function (a large model then never holds two copies of its conv weights).
     ``absorbed``: layers that carry a BatchNorm already (a P-BN folded back): a BN after one is an
-    affine, as it was when the model was first folded.
+    affine, as it was when the model was first folded. ``lazy``: the folded layers keep their
+    unscaled weights until ``report.materialize()`` (an analysis that reads only the graph and the
+    shapes then never writes a second copy of the conv weights).
     """
     if not inplace:
         gm = copy.deepcopy(gm)
@@ -113,9 +124,10 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
         layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if _foldable(bn, layer) and not src.kwargs and len(src.args) == 1 and src.target not in absorbed:
             alone = len(src.users) == 1 and calls[src.target] == 1
-            fused = _folded(layer, bn, reuse=inplace and reuse_layers and alone)
+            fused = _folded(layer, bn, reuse=inplace and reuse_layers and alone,
+                            pending=report.pending if lazy else None)
             if alone:
-                _set_module(gm, src.target, fused)
+                gm.set_submodule(src.target, fused)
                 absorbed.add(src.target)
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
@@ -133,7 +145,7 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
             continue
         a, shift = _bn_scale_shift(bn)
         dtype = bn.running_mean.dtype
-        _set_module(gm, node.target, ChannelAffine(a.to(dtype), shift.to(dtype)))
+        gm.set_submodule(node.target, ChannelAffine(a.to(dtype), shift.to(dtype)))
         report.affine.append(node.target)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 from . import rules
 from .groupset import NO_VAR, Barrier, Consumer, Frozen, Group, Producer, RescalingGroups
-from .slots import FIXED, NON_TENSOR, Unions, fixed, is_free
+from .slots import FIXED, NON_TENSOR, Unions, distinct, fixed, is_free
 
 # Non-tensor results computed from tensors that depend only on shapes, not values.
 SHAPE_QUERIES = {"method:size", "method:dim", "method:numel", getattr, len}
@@ -193,17 +193,18 @@ def _step(ctx: _Context, node: fx.Node):
     return fn(ctx, node)
 
 
-def analyze(gm: fx.GraphModule, name: str = "") -> RescalingGroups:
-    """Discover the rescaling groups of a shape-annotated (``passes.shapes``) GraphModule."""
+def analyze(gm: fx.GraphModule, name: str = "", fold=None) -> RescalingGroups:
+    """Discover the rescaling groups of a shape-annotated (``passes.shapes``) GraphModule.
+    ``fold``: the FoldReport of a lazy fold of ``gm``, whose weights the result writes when read."""
     ctx = _Context(gm)
     for node in gm.graph.nodes:
         ctx.values[node] = _step(ctx, node)
-    return _resolve(ctx, gm, name)
+    return _resolve(ctx, gm, name, fold)
 
 
 # -- resolution ---------------------------------------------------------------------------
 
-def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
+def _resolve(ctx: _Context, gm, name, fold=None) -> RescalingGroups:
     u = ctx.unions
     comp = u.components()
     pre = u.components(with_fixes=False)  # variables as they were before being frozen
@@ -222,13 +223,17 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
     components: dict[int, list[int]] = defaultdict(list)
     for i, c in enumerate(layer_comp.tolist()):
         components[c].append(i)
-    reason_of = {}
+    reasons = {"fixed": 0}  # reason of each frozen variable (by its label before freezing): the first recorded
+    reason_of = np.zeros(len(pre), dtype=np.int64)
     for ids, reason in u.fixes:
-        for p in np.unique(pre[ids]):
-            reason_of.setdefault(int(p), reason)
+        labels = distinct(pre[ids])
+        unset = labels[reason_of[labels] == 0]
+        if unset.size:
+            reason_of[unset] = reasons.setdefault(reason, len(reasons))
+    reasons = list(reasons)
 
     groups, frozen = [], []
-    counted: dict[int, Frozen] = {}  # a frozen variable spanning producers of several groups counts once
+    entry_of = np.full(len(pre), -1)  # a frozen variable spanning producers of several groups counts once
     group_of = np.full(len(comp), NO_VAR)  # class label -> group id / variable index
     index_of = np.full(len(comp), NO_VAR)
     for members in components.values():  # in order of their first layer
@@ -236,21 +241,23 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
         labels = labels[labels != fixed_label]
         _, first = np.unique(labels, return_index=True)
         order = labels[np.sort(first)]  # the group's classes, in order of first appearance
-        frozen_here = defaultdict(set)
-        for i in members:
-            ids = layers[i].out_ids
-            for p in np.unique(pre[ids[comp[ids] == fixed_label]]):
-                frozen_here[reason_of.get(int(p), "fixed")].add((int(p), layers[i].weight))
-        n_frozen = len({p for s in frozen_here.values() for p, _ in s})
-        for reason, items in frozen_here.items():
-            new = {p for p, _ in items} - counted.keys()
-            for p, w in items:
-                if p in counted and w not in counted[p].layers:
-                    counted[p].layers = sorted(counted[p].layers + [w])
-            if new:
-                entry = Frozen(layers=sorted({w for p, w in items if p in new}), count=len(new), reason=reason)
-                frozen.append(entry)
-                counted.update((p, entry) for p in new)
+        held = [distinct(pre[ids[comp[ids] == fixed_label]]) for ids in (layers[i].out_ids for i in members)]
+        P = np.concatenate(held)  # frozen variables of each member, member by member
+        L = np.repeat(np.asarray(members), [len(h) for h in held])
+        n_frozen = len(distinct(P))
+        R = reason_of[P]
+        _, first = np.unique(R, return_index=True)
+        for r in R[np.sort(first)]:  # reasons in order of first appearance
+            Pr, Lr = P[R == r], L[R == r]
+            old = entry_of[Pr] >= 0
+            for e, i in set(zip(entry_of[Pr[old]].tolist(), Lr[old].tolist())):
+                if layers[i].weight not in frozen[e].layers:
+                    frozen[e].layers = sorted(frozen[e].layers + [layers[i].weight])
+            new = distinct(Pr[~old])
+            if new.size:
+                frozen.append(Frozen(layers=sorted({layers[i].weight for i in distinct(Lr[~old]).tolist()}),
+                                     count=len(new), reason=reasons[r]))
+                entry_of[new] = len(frozen) - 1
         if not len(order):
             continue
         gid = len(groups)
@@ -271,9 +278,9 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
         labels = comp[lay.in_ids]
         gl, il = group_of[labels], index_of[labels]
         by_group = np.argsort(gl, kind="stable")  # input channels sorted by their group
-        bounds = np.searchsorted(gl[by_group], np.unique(gl), side="right")
+        bounds = np.searchsorted(gl[by_group], distinct(gl), side="right")
         start = 0
-        for gid, end in zip(np.unique(gl).tolist(), bounds.tolist()):
+        for gid, end in zip(distinct(gl).tolist(), bounds.tolist()):
             sel, start = by_group[start:end], end
             if gid < 0:
                 continue
@@ -284,7 +291,7 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
                                                   conv_groups=lay.groups, in_vars=in_vars))
 
     for node_name, tag, ids in ctx.events:
-        for gid in np.unique(group_of[comp[np.unique(ids)]]).tolist():
+        for gid in distinct(group_of[comp[distinct(ids)]]).tolist():
             if gid >= 0:
                 g = groups[gid]
                 if not g.passthrough or g.passthrough[-1] != node_name:
@@ -293,4 +300,5 @@ def _resolve(ctx: _Context, gm, name) -> RescalingGroups:
                     g.tags.append(tag)
     for g in groups:
         g.tags.sort()
-    return RescalingGroups(groups=groups, frozen=frozen, barriers=ctx.barriers, model_name=name, source=gm)
+    return RescalingGroups(groups=groups, frozen=frozen, barriers=ctx.barriers, model_name=name,
+                           graph_module=gm, fold=fold)

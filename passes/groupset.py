@@ -68,9 +68,18 @@ class RescalingGroups:
     barriers: list[Barrier]
     model_name: str = ""
     # The analysed (traced, BN-folded) GraphModule the parameter names refer to; not serialised.
-    # It may share unmodified leaf modules with the caller's model: read it, never write it.
-    source: object = field(default=None, repr=False, compare=False)
+    # Read it as ``source``, which first writes the folded weights of a lazy fold (``fold``).
+    graph_module: object = field(default=None, repr=False, compare=False)
+    fold: object = field(default=None, repr=False, compare=False)  # passes.fold_bn.FoldReport, maybe pending
     _copy: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def source(self):
+        """The analysed GraphModule. It may share unmodified leaf modules with the caller's model:
+        read it, never write it (``module`` is a private copy)."""
+        if self.fold is not None and self.fold.pending:
+            self.fold.materialize()
+        return self.graph_module
 
     @property
     def module(self):
@@ -92,7 +101,8 @@ class RescalingGroups:
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("source")
+        d.pop("graph_module")
+        d.pop("fold")
         d.pop("_copy")
         d["num_free"] = self.num_free
         d["num_frozen"] = self.num_frozen

@@ -1,46 +1,101 @@
-"""A small pass manager: named passes with declared inputs and outputs, run as pipelines.
+"""A small pass manager: named passes over one typed pipeline state, run as pipelines.
 
-A pass reads named values from a state (a dict) and returns new ones. A pipeline checks,
-before running anything, that every input a pass declares is either given or produced by
-an earlier pass, then runs the passes in order and times each one. Options are plain
-keyword arguments, routed to every pass that declares them.
+A pass takes the ``PipelineState`` and returns it, having set the fields it declares as outputs
+(a user's pass may instead return a dict of new values). A pipeline checks, before running
+anything, that every field a pass declares as input is either given or produced by an earlier
+pass, then runs the passes in order and times each one. Options are keyword arguments, routed to
+every pass that declares them; a pipeline may fix defaults of its own (``PIPELINE_OPTIONS``).
 
-State keys used by the standard passes:
-  model           the user's nn.Module (or GraphModule), never modified
-  example_inputs  one call's arguments
-  gm              the current GraphModule
-  shapes          {node name: output shape}, present once ``gm`` is shape-annotated
-  fold_report     passes.fold_bn.FoldReport
-  groups          passes.groupset.RescalingGroups of ``gm``
-  enorm_report    passes.enorm.ENormReport (``gm`` is then the balanced module)
-  reparam_report  pathfx.reparam.ReparamReport (``gm`` is then the path model)
-  pbn_layers      the (layer, BatchNorm) pairs fused into P-BN
-  owned           True when the caller hands ``model`` over (``transform``'s own float64 copy): passes
-                  then work on it and on each other's results in place instead of copying, so a
-                  pipeline over a large model holds one copy of its weights, not one per pass
+The model's way through the standard pipelines::
+
+    model ──trace──▶ gm (the traced graph; its leaves are the model's modules)
+          ──shapes─▶ gm annotated by one real run, checked against model's own forward
+          ──fold_bn─▶ gm with eval BatchNorms folded (path: the unfolded trace kept as ``traced``)
+          ──groups──▶ groups of gm
+          ──enorm───▶ gm balanced in place                                    (balance)
+          ──reparam─▶ gm = the path model built on ``traced``                   (path)
+          ──pbn─────▶ gm with (path layer, BN) pairs fused into P-BN            (path)
+
+Copies. A pipeline whose passes rewrite weights (enorm, reparam, pbn) works on a copy of the
+model made once, at the entry — unless the caller hands its model over (``copy=False``, as
+``transform`` does with its own float64 copy). The analysis passes never write to the model:
+folding sets new modules into the graph module, so ``find_groups`` needs no copy at all. A field
+that no later pass reads (the model, the unfolded trace) is let go as soon as the last pass that
+reads it has run, so a pipeline over a large model holds one set of weights at a time.
 """
 from __future__ import annotations
 
-import copy
+import copy as copy_module
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch.fx as fx
 import torch.nn as nn
 
 from .errors import InputError
+from .fold_bn import FoldReport
+from .groupset import RescalingGroups
 from .table import table
+
+
+@dataclass
+class PipelineState:
+    """Everything a pipeline knows about one model at a point of its run."""
+
+    model: nn.Module | None = None  # the model the pipeline was given (or its copy), until no pass reads it
+    example_inputs: tuple | None = None  # one call's arguments
+    gm: fx.GraphModule | None = None  # the current graph module
+    shapes: dict | None = None  # {node name: output shape}, once gm is shape-annotated
+    traced: fx.GraphModule | None = None  # the unfolded trace, kept for the path builder
+    fold_report: FoldReport | None = None
+    groups: RescalingGroups | None = None  # of gm (names as in gm)
+    enorm_report: object = None  # passes.enorm.ENormReport: gm is then the balanced module
+    reparam_report: object = None  # passes.pathmodel.ReparamReport: gm is then the path model
+    pbn_layers: list | None = None  # (layer, BatchNorm) pairs fused into P-BN
+    timings: dict[str, float] = field(default_factory=dict)  # pass name -> wall seconds, in run order
+    outputs: dict = field(default_factory=dict)  # values of passes outside this table (a user's own)
+
+    # A user's pass reads and writes the state by name, as ``state["groups"]``.
+    def __getitem__(self, key):
+        if key in _FIELDS and key not in ("timings", "outputs"):
+            value = getattr(self, key)
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.outputs[key]
+
+    def __contains__(self, key) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def available(self) -> set[str]:
+        return {k for k in _FIELDS if k not in ("timings", "outputs") and getattr(self, k) is not None} | \
+            set(self.outputs)
+
+    def update(self, values: dict) -> None:
+        for key, value in values.items():
+            if key in _FIELDS:
+                setattr(self, key, value)
+            else:
+                self.outputs[key] = value
+
+
+_FIELDS = {f.name for f in fields(PipelineState)}
 
 
 @dataclass
 class Pass:
     name: str
-    fn: Callable[..., dict]  # fn(state, **options) -> {output name: value}
+    fn: Callable  # fn(state, **options) -> state, or a dict of the outputs it declares
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     doc: str = ""
+    writes: bool = False  # rewrites the model's weights or modules in place: its pipeline works on a copy
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -55,15 +110,18 @@ class Pass:
 @dataclass
 class PipelineResult:
     pipeline: str
-    state: dict
-    timings: dict[str, float]  # pass name -> wall seconds, in run order
+    state: PipelineState
 
     def __getitem__(self, key):
         return self.state[key]
 
     @property
     def gm(self) -> fx.GraphModule:
-        return self.state["gm"]
+        return self.state.gm
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.state.timings
 
     @property
     def total_seconds(self) -> float:
@@ -75,14 +133,23 @@ class PipelineResult:
         return f"pipeline {self.pipeline}\n" + table(["pass", "seconds"], rows)
 
 
+# Fields a pass may leave behind that no later pass needs: let go as soon as possible.
+RELEASABLE = ("model", "traced")
+
+
 @dataclass
 class Pipeline:
     name: str
     passes: list[Pass] = field(default_factory=list)
+    defaults: dict = field(default_factory=dict)  # options this pipeline fixes unless the caller sets them
 
     @property
     def options(self) -> set[str]:
         return {o for p in self.passes for o in p.options}
+
+    @property
+    def writes(self) -> bool:
+        return any(p.writes for p in self.passes)
 
     def check(self, available) -> None:
         have = set(available)
@@ -93,27 +160,36 @@ class Pipeline:
                                  f"earlier pass produces and was not given (available: {', '.join(sorted(have))})")
             have |= set(p.outputs)
 
-    def run(self, gm_or_model: nn.Module, example_inputs=None, owned: bool = False, **options) -> PipelineResult:
-        """``owned``: ``gm_or_model`` is the caller's to give away (see ``owned`` above); it may be changed."""
+    def run(self, gm_or_model: nn.Module, example_inputs=None, copy: bool = True, **options) -> PipelineResult:
+        """Run the passes on ``gm_or_model``. A pipeline that rewrites weights works on a copy of it,
+        made here, unless ``copy=False``: then the caller hands the model over and it is rewritten."""
         unknown = sorted(set(options) - self.options)
         if unknown:
             raise InputError(f"pipeline '{self.name}' has no option {', '.join(unknown)} "
                              f"(options: {', '.join(sorted(self.options)) or 'none'})")
+        options = {**{k: v for k, v in self.defaults.items() if k in self.options}, **options}
         state = initial_state(gm_or_model, example_inputs)
-        self.check(state)
-        state["owned"] = owned
-        timings = {}
+        self.check(state.available())
+        if copy and self.writes:
+            state = initial_state(copy_module.deepcopy(gm_or_model), example_inputs)
+        del gm_or_model
         for i, p in enumerate(self.passes):
-            # an owned model that no later pass reads as a function may be rewritten by this one
-            state["model_free"] = owned and not any("model" in q.inputs for q in self.passes[i + 1:])
             start = time.perf_counter()
             out = p.fn(state, **{k: v for k, v in options.items() if k in p.options})
-            timings[p.name] = time.perf_counter() - start
-            undeclared = set(out) - set(p.outputs)
-            if undeclared:
-                raise RuntimeError(f"pass '{p.name}' returned undeclared outputs {sorted(undeclared)}")
-            state.update(out)
-        return PipelineResult(self.name, state, timings)
+            seconds = time.perf_counter() - start
+            if isinstance(out, dict):
+                undeclared = set(out) - set(p.outputs)
+                if undeclared:
+                    raise RuntimeError(f"pass '{p.name}' returned undeclared outputs {sorted(undeclared)}")
+                state.update(out)
+            elif out is not state:
+                raise RuntimeError(f"pass '{p.name}' returned {type(out).__name__}, not the pipeline state")
+            state.timings[p.name] = seconds
+            later = {k for q in self.passes[i + 1:] for k in q.inputs}
+            for key in RELEASABLE:
+                if key not in later and key not in p.outputs:
+                    setattr(state, key, None)
+        return PipelineResult(self.name, state)
 
 
 def _shapes(gm: fx.GraphModule) -> dict | None:
@@ -123,111 +199,136 @@ def _shapes(gm: fx.GraphModule) -> dict | None:
     return None
 
 
-def initial_state(gm_or_model: nn.Module, example_inputs=None) -> dict:
+def initial_state(gm_or_model: nn.Module, example_inputs=None) -> PipelineState:
     if not isinstance(gm_or_model, nn.Module):
         raise InputError(f"expected an nn.Module or GraphModule, got {type(gm_or_model).__name__}")
-    state = {"model": gm_or_model}
-    if example_inputs is not None:
-        state["example_inputs"] = example_inputs
+    from .shapes import as_tuple
+
+    state = PipelineState(model=gm_or_model,
+                          example_inputs=as_tuple(example_inputs) if example_inputs is not None else None)
     if isinstance(gm_or_model, fx.GraphModule):
-        state["gm"] = gm_or_model
-        shapes = _shapes(gm_or_model)
-        if shapes is not None:
-            state["shapes"] = shapes
+        state.gm = gm_or_model
+        state.shapes = _shapes(gm_or_model)
     return state
 
 
 # -- the standard passes ------------------------------------------------------------------------
 
-def _trace(state, *, leaf_modules=(), train=False):
-    from .trace import check_trace, trace
+def _trace(state: PipelineState, *, leaf_modules=(), train=False) -> PipelineState:
+    """The traced graph of the model, in eval mode unless ``train``. A GraphModule without leaves to
+    keep is not traced again: the pipeline takes its graph (a copy of it: folding edits graphs)."""
+    from .finite import check_finite
+    from .trace import trace
 
-    # a traced copy unless owned: the caller's flags stay
-    gm = trace(state["model"], leaf_modules=leaf_modules, copy_model=not state.get("owned"))
-    if "example_inputs" in state:
-        check_trace(state["model"], gm, state["example_inputs"])
-    return {"gm": gm.train(train)}
+    model = state.model
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        check_finite(model)
+        state.gm = fx.GraphModule(model, copy_module.deepcopy(model.graph), type(model).__name__)
+    else:
+        flags = [(mod, mod.training) for mod in model.modules()]
+        try:  # the model is traced in the mode asked for; its own flags are restored after
+            for mod, _ in flags:
+                mod.__dict__["training"] = train  # not Module.__setattr__: its type checks cost more than the trace
+            state.gm = trace(model, leaf_modules=leaf_modules, copy_model=False)
+        finally:
+            for mod, flag in flags:
+                mod.__dict__["training"] = flag
+    state.gm.training = train  # the root only: the leaves are the model's own modules
+    return state
 
 
-def _shapes_pass(state):
+def _shapes_pass(state: PipelineState) -> PipelineState:
     from .shapes import propagate
 
-    gm = propagate(state["gm"], state["example_inputs"])
-    return {"gm": gm, "shapes": _shapes(gm)}
+    # a graph traced here runs against the model's own forward; a GraphModule given is its own reference
+    traced_here = state.model is not None and state.model is not state.gm and \
+        not isinstance(state.model, fx.GraphModule)
+    propagate(state.gm, state.example_inputs, reference=state.model if traced_here else None)
+    state.shapes = _shapes(state.gm)
+    return state
 
 
-def _fold_bn(state):
-    from .fold_bn import FoldReport, fold_bn
+def _fold_bn(state: PipelineState, *, reuse_layers=False, keep_unfolded=False, lazy_weights=False) -> PipelineState:
+    """``keep_unfolded``: fold a second graph over the same leaves and keep the unfolded trace as
+    ``traced`` (the path model is built on it). ``reuse_layers``: rewrite a layer that feeds only
+    its BN in place (the pipeline's own copy: a large model then never holds two copies of its
+    conv weights). ``lazy_weights``: write the folded weights only when the groups' ``source`` is
+    first read (``find_groups``: most callers read only the groups)."""
+    from .fold_bn import fold_bn
 
-    if state["gm"].training:  # training-mode BatchNorms normalise by batch statistics: nothing to fold
-        return {"fold_report": FoldReport()}
-    gm, report = fold_bn(state["gm"], inplace=state.get("owned", False),
-                         reuse_layers=state.get("model_free", False))
-    return {"gm": gm, "fold_report": report}
+    if state.gm.training:  # training-mode BatchNorms normalise by batch statistics: nothing to fold
+        state.fold_report = FoldReport()
+        return state
+    gm = state.gm
+    if keep_unfolded:
+        state.traced = gm
+        gm = fx.GraphModule(gm, copy_module.deepcopy(gm.graph), type(gm).__name__)
+        gm.training = state.traced.training
+    state.gm, state.fold_report = fold_bn(gm, inplace=True, reuse_layers=reuse_layers and not keep_unfolded,
+                                          lazy=lazy_weights)
+    return state
 
 
-def _groups(state, *, name=""):
+def _groups(state: PipelineState, *, name="") -> PipelineState:
     from .groups import analyze
 
-    return {"groups": analyze(state["gm"], name=name or type(state["model"]).__name__)}
+    state.groups = analyze(state.gm, name=name or type(state.gm).__name__,  # a trace is named after its model
+                           fold=state.fold_report)
+    return state
 
 
-def _enorm(state, *, p=2, c=1.0, cycles=None, tol=1e-6, select=None, max_cycles=10_000):
+def _enorm(state: PipelineState, *, p=2, c=1.0, cycles=None, tol=1e-6, select=None,
+           max_cycles=10_000) -> PipelineState:
     from .enorm import balance
 
-    gm = state["gm"] if state.get("owned") else copy.deepcopy(state["gm"])  # names as in groups.module
-    report = balance(gm, state["groups"], p=p, c=c, cycles=cycles, tol=tol, select=select, max_cycles=max_cycles)
-    return {"gm": gm, "enorm_report": report}
+    state.enorm_report = balance(state.gm, state.groups, p=p, c=c, cycles=cycles, tol=tol, select=select,
+                                 max_cycles=max_cycles)
+    return state
 
 
-def _reparam(state, *, policy="per-block", init="preserve", leaf_modules=(), value_dtype=None):
-    # pathfx.reparameterize traces the unfolded model itself: a path model keeps its BatchNorms
-    from pathfx.reparam import reparameterize
+def _reparam(state: PipelineState, *, policy="per-block", init="preserve", value_dtype=None) -> PipelineState:
+    from .pathmodel import build
 
-    owned = state.get("owned", False)  # then the caller verifies: no check of its own
-    gm, report = reparameterize(state["model"], state["example_inputs"], policy=policy, pbn=False, init=init,
-                                leaf_modules=leaf_modules, copy_model=not owned, check=not owned,
-                                value_dtype=value_dtype)
-    return {"gm": gm, "reparam_report": report}
+    state.gm, state.reparam_report = build(state.traced, state.groups, state.fold_report, policy=policy,
+                                           init=init, value_dtype=value_dtype)
+    state.traced = None
+    return state
 
 
-def _pbn(state):
-    from pathfx.nn import PathLayer
+def _pbn(state: PipelineState, *, pbn=True) -> PipelineState:
+    """``pbn=False`` keeps conventional BatchNorms after the path layers (G-SGD + BN, the papers' ablation)."""
+    from .pathmodel import fuse_pbn
 
-    from .pbn import insert_pbn
-
-    owned = state.get("owned", False)
-    gm = state["gm"] if owned else copy.deepcopy(state["gm"])
-    report = state["reparam_report"] if owned else copy.deepcopy(state["reparam_report"])
-    paths = {n: m for n, m in gm.named_modules() if isinstance(m, PathLayer)}
-    # the analysis folded each BN into the layer before it: those (layer, BN) pairs are P-BN candidates
-    bn_after = {layer: bn for layer, bn in state["fold_report"].folded if bn in report.bn_layers}
-    fused = insert_pbn(gm, paths, bn_after, lam=report.lam)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    report.pbn = True
-    report.pbn_layers = [layer for layer, _ in fused]
-    report.bn_layers = [b for b in report.bn_layers if b not in {bn for _, bn in fused}]
-    return {"gm": gm, "reparam_report": report, "pbn_layers": fused}
+    state.pbn_layers = fuse_pbn(state.gm, state.reparam_report, state.fold_report) if pbn else []
+    return state
 
 
 # The one registration table: name -> (function, declared inputs, declared outputs, description).
 PASSES: dict[str, Pass] = {p.name: p for p in [
-    Pass("trace", _trace, ("model",), ("gm",), "symbolic trace of a copy, op spellings normalised"),
-    Pass("shapes", _shapes_pass, ("gm", "example_inputs"), ("gm", "shapes"), "shape propagation (meta device)"),
-    Pass("fold_bn", _fold_bn, ("gm",), ("gm", "fold_report"), "fold eval-mode BatchNorms"),
+    Pass("trace", _trace, ("model",), ("gm",), "symbolic trace, op spellings normalised"),
+    Pass("shapes", _shapes_pass, ("gm", "example_inputs", "model"), ("gm", "shapes"),
+         "one real run that annotates shapes and checks the graph against the model's forward"),
+    Pass("fold_bn", _fold_bn, ("gm",), ("gm", "fold_report", "traced"), "fold eval-mode BatchNorms"),
     Pass("groups", _groups, ("gm", "shapes"), ("groups",), "rescaling-group discovery"),
-    Pass("enorm", _enorm, ("gm", "groups"), ("gm", "enorm_report"), "Equi-normalization of a copy"),
-    Pass("reparam", _reparam, ("model", "example_inputs"), ("gm", "reparam_report"),
-         "path reparameterization (PathLayers, BatchNorms re-set)"),
+    Pass("enorm", _enorm, ("gm", "groups"), ("gm", "enorm_report"), "Equi-normalization in place", writes=True),
+    Pass("reparam", _reparam, ("traced", "groups", "fold_report"), ("gm", "reparam_report", "traced"),
+         "path reparameterization of the unfolded trace (PathLayers, BatchNorms re-set)", writes=True),
     Pass("pbn", _pbn, ("gm", "reparam_report", "fold_report"), ("gm", "reparam_report", "pbn_layers"),
-         "fuse path layers and their BatchNorms into P-BN"),
+         "fuse path layers and their BatchNorms into P-BN", writes=True),
 ]}
 
 PIPELINES: dict[str, list[str]] = {
+    "prepare": ["trace", "shapes", "fold_bn"],
     "analyze": ["trace", "shapes", "fold_bn", "groups"],
     "balance": ["trace", "shapes", "fold_bn", "groups", "enorm"],
     "path": ["trace", "shapes", "fold_bn", "groups", "reparam", "pbn"],
+}
+
+# What a pipeline fixes: balance rewrites its own copy, so folding may reuse the layers; the path
+# builder needs the unfolded trace (the path model keeps its BatchNorms).
+PIPELINE_OPTIONS: dict[str, dict] = {
+    "balance": {"reuse_layers": True},
+    "path": {"keep_unfolded": True},
 }
 
 
@@ -240,13 +341,23 @@ def get_pass(name: str) -> Pass:
 def pipeline(name: str) -> Pipeline:
     if name not in PIPELINES:
         raise InputError(f"unknown pipeline '{name}' (pipelines: {', '.join(PIPELINES)})")
-    return Pipeline(name, [PASSES[p] for p in PIPELINES[name]])
+    return Pipeline(name, [PASSES[p] for p in PIPELINES[name]], dict(PIPELINE_OPTIONS.get(name, {})))
 
 
-def run_pipeline(name: str, gm_or_model: nn.Module, example_inputs=None, owned: bool = False,
+def run_pipeline(which: str, gm_or_model: nn.Module, example_inputs=None, copy: bool = True,
                  **options) -> PipelineResult:
-    return pipeline(name).run(gm_or_model, example_inputs, owned=owned, **options)
+    """Run the standard pipeline named ``which`` (``options`` may include a pass's own ``name``)."""
+    return pipeline(which).run(gm_or_model, example_inputs, copy=copy, **options)
 
 
-def run_pass(name: str, gm: nn.Module, example_inputs=None, **options) -> PipelineResult:
-    return get_pass(name).run(gm, example_inputs, **options)
+def run_pass(which: str, gm: nn.Module, example_inputs=None, **options) -> PipelineResult:
+    return get_pass(which).run(gm, example_inputs, **options)
+
+
+def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = False) -> fx.GraphModule:
+    """Trace ``model`` (in eval mode unless ``train``), annotate shapes, fold eval BatchNorms.
+
+    The caller's model is not modified; the result may share untouched leaf modules with it: copy
+    it before writing to it.
+    """
+    return run_pipeline("prepare", model, example_inputs, leaf_modules=leaf_modules, train=train).gm

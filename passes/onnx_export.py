@@ -31,6 +31,7 @@ import torch.nn as nn
 from .errors import InputError, PathfxError
 from .files import temp_beside
 from .finite import check_finite
+from .modules import cast_floating
 from .shapes import as_tuple
 from .verify import Verification, compare, random_like, run_checked
 
@@ -93,10 +94,8 @@ def fold_parametrizations(model: nn.Module):
 
 
 def fold_path_modules(model: nn.Module):
-    # imported here: pathfx.nn lives in the package that re-exports this module
-    from pathfx.nn import PBN, PathLayer
-
     from .fold import fold
+    from .pathnn import PBN, PathLayer
     from .trace import trace
 
     names = [n for n, m in model.named_modules() if isinstance(m, (PathLayer, PBN))]
@@ -200,8 +199,7 @@ def ort_runner(proto_or_bytes) -> Callable:
         tensors = [x for x in args if torch.is_tensor(x)]
         if len(tensors) != len(feeds):
             raise InputError(f"the ONNX model takes {len(feeds)} input(s), {len(tensors)} were given")
-        return sess.run(None, {n: x.detach().float().numpy() if x.is_floating_point() else x.numpy()
-                               for n, x in zip(feeds, tensors)})
+        return sess.run(None, {n: x.detach().numpy() for n, x in zip(feeds, cast_floating(tensors, torch.float32))})
     run.session = sess
     return run
 
@@ -219,7 +217,7 @@ def torch_runner(model: nn.Module) -> Callable:
 
     def run(args):
         with torch.no_grad():
-            return ref(*[x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in args])
+            return ref(*cast_floating(args, torch.float32))
     return run
 
 
@@ -246,7 +244,7 @@ def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True
     try:
         folded, names = fold_for_export(model)
         folded = folded.float()
-        args32 = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in args)
+        args32 = cast_floating(args, torch.float32)
         run_once(folded, args32)  # a wrong input shape fails here, clearly, before the exporter's traces
         proto, used, reason = export_proto(folded, args32, opset=opset, exporter=exporter)
         try:

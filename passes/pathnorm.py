@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .fold_bn import BATCHNORMS, LAYERS, ChannelAffine
+from .modules import float64_copy
 
 MAXPOOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, torch.max_pool1d: 1,
                      torch.max_pool2d: 2, torch.max_pool3d: 3}
@@ -107,19 +108,18 @@ def _pool_dim(mod):
 
 def abs_network(model: nn.Module, input_shape, bias: bool = True) -> fx.GraphModule:
     """The float64 |w| network of ``model`` (a new module; ``model`` is not modified)."""
-    from pathfx.analysis import prepare  # the analysis front end: trace, shapes, BN folding
+    from .fold import fold
+    from .manager import prepare
+    from .pathnn import PBN, PathLayer
 
-    if any(type(m).__name__ in ("PathLayer", "PBN") for m in model.modules()):
-        from .fold import fold
-
+    if any(isinstance(m, (PathLayer, PBN)) for m in model.modules()):
         if not isinstance(model, fx.GraphModule):
             raise InputError("path-norm: a model with path layers must be the GraphModule transform returned")
-        model = fold(model)
+        model = fold(float64_copy(model))
     if isinstance(model, fx.GraphModule) and not any(isinstance(m, BATCHNORMS) for m in model.modules()):
         gm = model  # already traced and folded (e.g. the analysis' module): only its graph is read
-    else:
-        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
-        gm = prepare(model, torch.zeros(input_shape, dtype=dtype))
+    else:  # folded in float64: a fold in float32 would round the products before the sum is taken
+        gm = prepare(float64_copy(model), torch.zeros(input_shape, dtype=torch.float64))
     memo = {}
     for node in gm.graph.nodes:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -138,8 +138,7 @@ def abs_network(model: nn.Module, input_shape, bias: bool = True) -> fx.GraphMod
     for name, mod in list(net.named_modules()):
         dim = _pool_dim(mod)
         if dim is not None:
-            parent, _, leaf = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, leaf, SumPool(mod, *dim))
+            net.set_submodule(name, SumPool(mod, *dim))
     for node in net.graph.nodes:
         if node.op == "call_function" and node.target in MAXPOOL_FUNCTIONS:
             node.kwargs = {**node.kwargs, "n": MAXPOOL_FUNCTIONS[node.target]}

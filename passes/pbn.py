@@ -1,7 +1,7 @@
 """BN → P-BN rewrite (pbn eq. 3–5, DESIGN §3).
 
 A path layer that carries red weights and the BatchNorm right after it become one
-``pathfx.nn.PBN``: z = BN(offdiag(x)) + λ·red(x); the activation that followed the BN now
+``passes.pathnn.PBN``: z = BN(offdiag(x)) + λ·red(x); the activation that followed the BN now
 follows the P-BN, so inside a torchvision BasicBlock/Bottleneck the residual add and ReLU
 see z exactly where they saw BN(conv(x)). Only such pairs are rewritten: a layer whose
 input is not a reparameterized variable (the first layer, a block's first conv under
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from pathfx.nn import PBN
+from .pathnn import PBN
 
 
 def insert_pbn(gm: fx.GraphModule, paths: dict, bn_after: dict[str, str], lam: float = 1.0) -> list[tuple[str, str]]:
@@ -26,8 +26,7 @@ def insert_pbn(gm: fx.GraphModule, paths: dict, bn_after: dict[str, str], lam: f
         bn_name = bn_after[name]
         nodes[bn_name].replace_all_uses_with(nodes[name])
         gm.graph.erase_node(nodes[bn_name])
-        parent, _, leaf = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, PBN(layer, modules[bn_name], lam=lam))
+        gm.set_submodule(name, PBN(layer, modules[bn_name], lam=lam))
         fused.append((name, bn_name))
     gm.graph.lint()
     gm.recompile()

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .groupset import Consumer, RescalingGroups, apply_factors, in_channel_index
-from .verify import float64_copy
+from .modules import float64_copy
 
 STREAM_TAGS = ("identity-skip", "learned-skip")
 POLICIES = ("per-block", "global")
@@ -192,72 +192,72 @@ class _Solver:
         return None
 
     def bases(self, plan: ReparamPlan) -> None:
-        red_at = {(w, idx): key for key, (w, idx) in plan.reds.items()}
-        red_in_row: dict[tuple[str, int], list] = {}
-        for (rw, ridx) in red_at:
-            red_in_row.setdefault((rw, ridx[0]), []).append(ridx[1:])
-        first_row: dict[int, dict] = {}  # gid -> {variable: (first producer writing it, its first row)}
-        memo: dict = {}
-
-        def producer_row(gid, k):
-            if gid not in first_row:
-                rows: dict = {}
-                for p in self.groups[gid].producers:
-                    for r, v in enumerate(p.out_vars):
-                        rows.setdefault(v, (p, r))
-                first_row[gid] = rows
-            return first_row[gid][k]
-
-        def entry_channel(weight, idx):
-            w = self.w[weight]
-            if w.ndim <= 2:
-                return int(idx[-1] if w.ndim == 2 else idx[0])
-            groups = next((c.conv_groups for _, c in self.cons.get(weight, [])), 1)
-            return int((idx[0] // (w.shape[0] // groups)) * w.shape[1] + idx[1])
-
-        def col_value(weight, idx) -> float:
-            key = self.column_var(weight, entry_channel(weight, idx))
-            return 1.0 if key is None else value(key)
-
-        values: dict = {}
-
-        def value(key) -> float:
-            if key in values:
-                return values[key]
-            ref = basis(key)
-            values[key] = 1.0 if ref is None else abs(self.w[ref[0]].reshape(-1)[ref[1]]) * \
-                col_value(ref[0], np.unravel_index(ref[1], self.w[ref[0]].shape))
-            return values[key]
-
-        def basis(key):
-            if key in memo:
-                return memo[key]
-            gid, k = key
-            p, row = producer_row(gid, k)
-            w = self.w[p.weight]
-            ref = None
-            if p.kind != "affine":
-                idx = (row, row % w.shape[1]) + _centre(w.shape)
-                src = red_at.get((p.weight, idx))
-                if src is not None:
-                    ref = basis(src)
-                elif w[idx] != 0 and col_value(p.weight, idx) > 0:
-                    ref = (p.weight, int(np.ravel_multi_index(idx, w.shape)))
-                else:  # the largest non-red entry of the row
-                    mag = np.abs(w[row]).copy()
-                    for rest in red_in_row.get((p.weight, row), ()):
-                        mag[rest] = 0
-                    if mag.any():
-                        j = np.unravel_index(int(np.argmax(mag)), mag.shape)
-                        ref = (p.weight, int(np.ravel_multi_index((row,) + tuple(j), w.shape)))
-            memo[key] = ref
-            return ref
-
-        self._value_of_ref = lambda ref: abs(self.w[ref[0]].reshape(-1)[ref[1]]) * \
-            col_value(ref[0], np.unravel_index(ref[1], self.w[ref[0]].shape))
+        """Fill ``plan.basis`` for every variable of the selected groups (on the rescaled weights)."""
+        self._red_at = {(w, idx): key for key, (w, idx) in plan.reds.items()}
+        self._red_in_row: dict[tuple[str, int], list] = {}
+        for (rw, ridx) in self._red_at:
+            self._red_in_row.setdefault((rw, ridx[0]), []).append(ridx[1:])
+        self._first_row: dict[int, dict] = {}  # gid -> {variable: (first producer writing it, its first row)}
+        self._basis: dict = {}
+        self._values: dict = {}
         for gid in plan.selected:
             for k in range(self.groups[gid].width):
-                plan.basis[(gid, k)] = basis((gid, k))
+                plan.basis[(gid, k)] = self._basis_of((gid, k))
+
+    def value_of_ref(self, ref) -> float:
+        """The path value |v| of a basis reference (weight, flat index): |u| times its column's basis."""
+        w = self.w[ref[0]]
+        return abs(w.reshape(-1)[ref[1]]) * self._col_value(ref[0], np.unravel_index(ref[1], w.shape))
+
+    def _producer_row(self, gid, k):
+        if gid not in self._first_row:
+            rows: dict = {}
+            for p in self.groups[gid].producers:
+                for r, v in enumerate(p.out_vars):
+                    rows.setdefault(v, (p, r))
+            self._first_row[gid] = rows
+        return self._first_row[gid][k]
+
+    def _entry_channel(self, weight, idx) -> int:
+        w = self.w[weight]
+        if w.ndim <= 2:
+            return int(idx[-1] if w.ndim == 2 else idx[0])
+        groups = next((c.conv_groups for _, c in self.cons.get(weight, [])), 1)
+        return int((idx[0] // (w.shape[0] // groups)) * w.shape[1] + idx[1])
+
+    def _col_value(self, weight, idx) -> float:
+        key = self.column_var(weight, self._entry_channel(weight, idx))
+        return 1.0 if key is None else self._value(key)
+
+    def _value(self, key) -> float:
+        if key not in self._values:
+            ref = self._basis_of(key)
+            self._values[key] = 1.0 if ref is None else self.value_of_ref(ref)
+        return self._values[key]
+
+    def _basis_of(self, key):
+        if key in self._basis:
+            return self._basis[key]
+        gid, k = key
+        p, row = self._producer_row(gid, k)
+        w = self.w[p.weight]
+        ref = None
+        if p.kind != "affine":
+            idx = (row, row % w.shape[1]) + _centre(w.shape)
+            src = self._red_at.get((p.weight, idx))
+            if src is not None:
+                ref = self._basis_of(src)
+            elif w[idx] != 0 and self._col_value(p.weight, idx) > 0:
+                ref = (p.weight, int(np.ravel_multi_index(idx, w.shape)))
+            else:  # the largest non-red entry of the row
+                mag = np.abs(w[row]).copy()
+                for rest in self._red_in_row.get((p.weight, row), ()):
+                    mag[rest] = 0
+                if mag.any():
+                    j = np.unravel_index(int(np.argmax(mag)), mag.shape)
+                    ref = (p.weight, int(np.ravel_multi_index((row,) + tuple(j), w.shape)))
+        self._basis[key] = ref
+        return ref
 
 
 def reds_by_weight(entries) -> dict[str, tuple]:
@@ -294,7 +294,7 @@ def _magnitudes(plan: ReparamPlan, module, solver) -> np.ndarray:
     activations scale by them), the rescaled weights, biases and affines, the basis values and
     the path values V = |u| · b(column) of every layer of a reparameterized group."""
     out = [np.abs(f) for f in plan.factors.values()]
-    value = {key: 1.0 if ref is None else solver._value_of_ref(ref) for key, ref in plan.basis.items()}
+    value = {key: 1.0 if ref is None else solver.value_of_ref(ref) for key, ref in plan.basis.items()}
     out.append(np.fromiter(value.values(), dtype=np.float64, count=len(value)))
     layers = {lay.weight: (lay.kind, lay) for gid in plan.selected for lay in
               [*solver.groups[gid].producers, *solver.groups[gid].consumers]}

@@ -2,7 +2,9 @@
 
 Besides ``meta['tensor_meta']`` every node whose result is a shape-like Python value
 (``x.size(0)``, a tuple of ints) gets ``meta['value']``: the group analysis needs those
-to replay reshapes.
+to replay reshapes. Given the model the graph was traced from, the run is real and checks the
+graph against the model's forward on the way (``passes.replay``); otherwise it runs on the meta
+device.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import operator
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
+from . import replay
 from .errors import ShapeError
 
 
@@ -36,6 +39,7 @@ class _Prop(fx.Interpreter):
     """torch.fx ShapeProp's annotations, with errors that name the failing node or module."""
 
     meta = False
+    lockstep: replay.Lockstep | None = None  # the run follows the model's own forward (replay.run_checked)
 
     def _shortcut(self, n):
         if not self.meta or n.op not in ("call_function", "call_module"):
@@ -53,10 +57,13 @@ class _Prop(fx.Interpreter):
 
     def run_node(self, n):
         try:
-            result = self._shortcut(n)
-            if result is None:
-                result = super().run_node(n)
-        except ShapeError:
+            if self.lockstep is not None:
+                result = self.lockstep.execute(n)
+            else:
+                result = self._shortcut(n)
+                if result is None:
+                    result = super().run_node(n)
+        except (ShapeError, replay.Abandon):
             raise
         except Exception as e:  # report the node and module that failed, once
             where = f"module '{n.target}' ({type(self.module.get_submodule(n.target)).__name__})" \
@@ -69,7 +76,7 @@ class _Prop(fx.Interpreter):
         def meta(v):
             if isinstance(v, torch.Tensor):
                 found.append(v)
-                return _extract_tensor_metadata(v)
+                return _metadata(v)
             return v
 
         tm = map_aggregate(result, meta)
@@ -80,6 +87,13 @@ class _Prop(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             n.meta["shape"] = tuple(result.shape)
         return result
+
+
+def _metadata(t: torch.Tensor) -> TensorMetadata:
+    """ShapeProp's record of a tensor without its memory-format probes, which cost more than the
+    rest of a real run's bookkeeping and which no pass reads."""
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride() if t.layout == torch.strided else (),
+                          None, t.is_quantized, {})
 
 
 def as_tuple(example_inputs):
@@ -99,16 +113,25 @@ def _on_meta(gm: fx.GraphModule, args):
     return _reparametrize_module(gm, state), meta_args
 
 
-def propagate(gm: fx.GraphModule, example_inputs, meta: bool = True) -> fx.GraphModule:
+def propagate(gm: fx.GraphModule, example_inputs, meta: bool = True, reference=None) -> fx.GraphModule:
     """Annotate every node of ``gm`` with shapes from one run on ``example_inputs``; returns ``gm``.
 
-    The run is on the meta device when every op supports it, else on real tensors (with
+    ``reference``: the model ``gm`` was traced from. The run is then real, in eval mode, and raises
+    TraceError when the graph does not compute what the model's forward computes (``passes.replay``).
+    Otherwise the run is on the meta device when every op supports it, else on real tensors (with
     buffers cloned, so a training-mode BatchNorm does not move the caller's statistics).
     """
     args = as_tuple(example_inputs)
     n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(args) > n_ph:
         raise ShapeError(f"the model takes {n_ph} input(s), {len(args)} example inputs were given")
+    if reference is not None and all(isinstance(a, torch.Tensor) for a in args):
+        prop = _Prop(gm)
+        try:
+            replay.run_checked(reference, gm, prop, args)
+        except ShapeError:
+            raise ShapeError(prop.error) from None
+        return gm
     if meta:
         ctx, meta_args = _on_meta(gm, args)
         prop = _Prop(gm)
@@ -122,9 +145,13 @@ def propagate(gm: fx.GraphModule, example_inputs, meta: bool = True) -> fx.Graph
     from torch.nn.utils.stateless import _reparametrize_module
 
     prop = _Prop(gm)
+    with _reparametrize_module(gm, {k: v.clone() for k, v in gm.named_buffers()}), torch.no_grad():
+        _run(prop, args)
+    return gm
+
+
+def _run(prop: _Prop, args):
     try:
-        with _reparametrize_module(gm, {k: v.clone() for k, v in gm.named_buffers()}), torch.no_grad():
-            prop.run(*args)
+        return prop.run(*args)
     except ShapeError:
         raise ShapeError(prop.error) from None
-    return gm

@@ -60,6 +60,13 @@ def channel_ids(vec: np.ndarray, ndim: int, dim: int) -> np.ndarray:
     return np.asarray(vec, dtype=np.int64).reshape(shape)
 
 
+def distinct(ids) -> np.ndarray:
+    """The sorted distinct values of an integer array (np.unique, by sorting: numpy's default hashing
+    is many times slower on these arrays)."""
+    s = np.sort(np.asarray(ids).reshape(-1))
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
 def right_align(ids: np.ndarray, ndim: int) -> np.ndarray:
     return ids.reshape((1,) * (ndim - ids.ndim) + ids.shape)
 
@@ -91,7 +98,7 @@ class Unions:
         if free.size:
             self.edges_a.append(free)
             self.edges_b.append(np.zeros_like(free))
-            self.fixes.append((np.unique(free), reason))
+            self.fixes.append((distinct(free), reason))
 
     def components(self, with_fixes: bool = True) -> np.ndarray:
         """Component label of every slot id (scipy connected components)."""

@@ -11,6 +11,8 @@ from torch.utils._pytree import tree_flatten
 
 from .fold_bn import BATCHNORMS, LAYERS, ChannelAffine
 from .groupset import RescalingGroups, apply_factors
+from .modules import cast_floating
+from .shapes import as_tuple
 
 
 @torch.no_grad()
@@ -83,8 +85,7 @@ def check_soundness(groups: RescalingGroups, example_inputs, seed: int = 0, tol:
     base = copy.deepcopy(module if module is not None else groups.source).double().eval()
     if reinit:
         lively_init(base, seed)
-    inputs = [x.double() if torch.is_tensor(x) and x.is_floating_point() else x
-              for x in (example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))]
+    inputs = cast_floating(as_tuple(example_inputs), torch.float64)
     ref = outputs(base, inputs)
     apply_factors(base, groups, random_factors(groups, seed))
     rel, ab = rel_error(ref, outputs(base, inputs))

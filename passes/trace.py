@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import PathfxError, TraceError
+from .errors import TraceError
 from .finite import check_finite
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -83,71 +83,6 @@ def trace(model: nn.Module, leaf_modules=(), copy_model: bool = True) -> fx.Grap
     graph.owning_module = tracer.root  # dead-code elimination asks the module whether calls are pure
     _normalize_graph(graph, dict(tracer.root.named_modules()))
     return fx.GraphModule(tracer.root, graph, name)  # compiles the normalised graph once
-
-
-# -- fidelity --------------------------------------------------------------------------------
-
-def _leaves(out):
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def check_trace(model: nn.Module, gm: fx.GraphModule, example_inputs) -> None:
-    """Raise TraceError when ``gm`` and ``model`` give different outputs on the example inputs.
-
-    torch.fx records what the forward did on proxies: an in-place write to a tensor that another
-    name also refers to (a view, a slice) or control flow on tensor values is not what the model
-    computes. Both run in eval mode without gradients and with the modules' hooks set aside, so
-    nothing of the caller's model changes."""
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if not all(isinstance(a, torch.Tensor) for a in args):
-        return
-    mods = {id(m): m for m in [*model.modules(), *gm.modules()]}.values()
-    saved = [(m, m.training, m._forward_hooks, m._forward_pre_hooks) for m in mods]
-    try:
-        for m in mods:
-            m.training, m._forward_hooks, m._forward_pre_hooks = False, type(m._forward_hooks)(), \
-                type(m._forward_pre_hooks)()
-        with torch.no_grad():
-            want = _leaves(model(*[a.clone() for a in args]))
-            got = _leaves(gm(*[a.clone() for a in args]))
-            bad = _mismatch(want, got)
-            if bad and _mismatch(want, _leaves(model(*[a.clone() for a in args]))):
-                raise TraceError(f"{type(model).__name__} gives different outputs on two calls with the same "
-                                 f"input in eval mode (random operations in its forward?): it is not a function "
-                                 f"of its input, and no rewrite of it can be verified")
-    except PathfxError:
-        raise
-    except Exception:  # the shape pass reports a forward that fails, naming the node
-        return
-    finally:
-        for m, flag, hooks, pre in saved:
-            m.training, m._forward_hooks, m._forward_pre_hooks = flag, hooks, pre
-    if bad:
-        raise TraceError(
-            f"the traced graph of {type(model).__name__} does not compute what its forward computes "
-            f"({bad}): torch.fx does not capture an in-place write to a tensor that another "
-            f"name also refers to (a view, a slice, an alias), nor control flow on tensor values; write "
-            f"that operation out of place, or keep its submodule opaque with leaf_modules=[...]")
-
-
-def _mismatch(want: list, got: list) -> str:
-    """How two lists of output tensors differ ('' when they agree; NaN matches NaN)."""
-    if len(want) != len(got):
-        return f"{len(got)} output tensors instead of {len(want)}"
-    for i, (a, b) in enumerate(zip(want, got)):
-        if a.shape != b.shape:
-            return f"output {i}: shape {tuple(b.shape)} instead of {tuple(a.shape)}"
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
-                return f"output {i}: other values"
-            continue
-        tol = 1e-10 if a.dtype == torch.float64 else 1e-4
-        finite = a[a.isfinite()]
-        scale = float(finite.abs().max()) if finite.numel() else 1.0
-        same = ((a - b).abs() <= tol * max(scale, 1e-30)) | (a == b) | (a.isnan() & b.isnan())
-        if not bool(same.all()):
-            return f"output {i}: values off by up to {float((a - b).abs()[~same].max()):.3g}"
-    return ""
 
 
 # -- spelling normalisation -------------------------------------------------------------------

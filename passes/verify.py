@@ -8,7 +8,6 @@ check (torch vs onnxruntime in float32).
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +19,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import InputError, PathfxError, ShapeError, VerificationError
+from .modules import cast_floating, float64_copy
 from .table import table
 
 
@@ -216,35 +216,14 @@ def _alike(x, x0, rtol: float) -> bool:
     return bool(((x - x0).abs() <= rtol * scale).all()) if math.isfinite(scale) else bool(torch.equal(x, x0))
 
 
-HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-         "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-def float64_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every floating parameter and buffer in float64, made tensor by tensor:
-    no full-size copy in the model's own dtype exists on the way. The copy carries no forward or
-    backward hooks: the caller's hooks (loggers, counters) must not fire on pathfx's private runs."""
-    memo = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.is_floating_point() and id(t) not in memo:
-            d = t.detach().to(torch.float64, copy=True)
-            memo[id(t)] = nn.Parameter(d, t.requires_grad) if isinstance(t, nn.Parameter) else d
-    out = copy.deepcopy(model, memo)
-    for m in out.modules():
-        for attr in HOOKS:
-            getattr(m, attr, {}).clear()
-    return out
-
-
 def _float64(model: nn.Module) -> nn.Module:
     return float64_copy(model).eval()
 
 
 def _runner(model: nn.Module, dtype: torch.dtype) -> Callable:
     def run(args):
-        cast = [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in args]
         with torch.no_grad():
-            return model(*cast)
+            return model(*cast_floating(args, dtype))
     return run
 
 
@@ -273,8 +252,7 @@ class Reference:
 def reference(model: nn.Module, inputs=None, n_random: int = 8, seed: int = 0) -> Reference:
     """Outputs of ``model`` as it is (the caller makes it float64 and eval) on the inputs ``verify`` uses."""
     labelled = labelled_inputs(inputs, n_random, seed, model)
-    labelled = [(lbl, tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in args))
-                for lbl, args in labelled]
+    labelled = [(lbl, cast_floating(args, torch.float64)) for lbl, args in labelled]
     run = _runner(model, torch.float64)
     return Reference(labelled, {lbl: run_checked(run, args, "original", lbl) for lbl, args in labelled})
 

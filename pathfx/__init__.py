@@ -3,9 +3,12 @@ from zoo._torchvision import torchvision as _torchvision
 
 _torchvision()  # so that a plain `import torchvision` after `import pathfx` works on CPU-only torch
 
-from passes.errors import PathfxError, ShapeError, TraceError, VerificationError  # noqa: E402
+from passes.errors import (InputError, NonFiniteError, PathfxError, ShapeError, TraceError,  # noqa: E402
+                           VerificationError)
 from passes.groupset import RescalingGroups  # noqa: E402
 from passes.onnx_export import ExportReport, export_onnx, onnx_op_counts  # noqa: E402
+from passes.pathnorm import path_norm  # noqa: E402
+from passes.trace import trace  # noqa: E402
 from passes.verify import Verification, verify  # noqa: E402
 
 from . import optim  # noqa: E402
@@ -17,4 +20,5 @@ from .transform import TransformResult, transform  # noqa: E402
 
 __all__ = ["find_groups", "RescalingGroups", "enorm", "optim", "reparameterize", "ReparamReport", "transform",
            "TransformResult", "Plan", "PlanMismatchError", "verify", "Verification", "export_onnx", "ExportReport",
-           "onnx_op_counts", "PathfxError", "TraceError", "ShapeError", "VerificationError"]
+           "onnx_op_counts", "path_norm", "trace", "PathfxError", "TraceError", "ShapeError", "InputError",
+           "NonFiniteError", "VerificationError"]

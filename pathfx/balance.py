@@ -1,14 +1,11 @@
 """`pathfx.enorm`: balance a model's weights by Equi-normalization (DESIGN §2, passes/enorm.py)."""
 from __future__ import annotations
 
-import copy
-
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.enorm import ENormReport, balance
-
-from .analysis import find_groups
+from passes.enorm import ENormReport
+from passes.manager import run_pipeline
 
 
 def enorm(model: nn.Module, example_inputs, p: float = 2, c: float = 1.0, cycles: int | None = None,
@@ -22,8 +19,6 @@ def enorm(model: nn.Module, example_inputs, p: float = 2, c: float = 1.0, cycles
     decrease in one cycle is ≤ ``tol``. ``groups`` restricts the balancing to those group ids
     of ``pathfx.find_groups(model, example_inputs)``.
     """
-    # Balance a private eval-mode copy: the analysed module may share leaf modules with its input.
-    found = find_groups(copy.deepcopy(model).eval(), example_inputs, leaf_modules=leaf_modules,
-                        name=type(model).__name__)
-    report = balance(found.module, found, p=p, c=c, cycles=cycles, tol=tol, select=groups, max_cycles=max_cycles)
-    return found.module, report
+    result = run_pipeline("balance", model, example_inputs, leaf_modules=leaf_modules, name=type(model).__name__,
+                          p=p, c=c, cycles=cycles, tol=tol, select=groups, max_cycles=max_cycles)
+    return result.gm.eval(), result["enorm_report"]

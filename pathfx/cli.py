@@ -1,8 +1,10 @@
-"""`pathfx ...`: one subcommand per module in pathfx/commands (each defines NAME, HELP, add_arguments, run)."""
+"""`pathfx ...`: one subcommand per module of pathfx/commands, and per entry point of the group
+``pathfx.commands`` (each module defines NAME, HELP, add_arguments, run)."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
 
@@ -12,9 +14,11 @@ from . import commands
 
 
 def _command_modules():
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
-        if not info.name.startswith("_"):
-            yield importlib.import_module(f"{commands.__name__}.{info.name}")
+    mods = [importlib.import_module(f"{commands.__name__}.{info.name}")
+            for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_")]
+    # other packages plug in their own commands; the CLI does not import them by name
+    mods += [ep.load() for ep in importlib.metadata.entry_points(group="pathfx.commands")]
+    return sorted(mods, key=lambda m: m.NAME)
 
 
 def parser() -> argparse.ArgumentParser:

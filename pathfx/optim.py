@@ -1,4 +1,5 @@
-"""ENorm during training (ENorm paper Alg. 2): one balancing cycle after optimizer steps.
+"""ENorm during training (ENorm paper Alg. 2): one balancing cycle after optimizer steps, and the
+plans' optimizer, whose step ends with that cycle.
 
 The cycle runs in place on the live model, and the optimizer state follows the weights into
 the new parameterisation. With W̃_k = D_{k-1}^{-1} W_k D_k (paper eq. 2, W_k of shape
@@ -17,7 +18,6 @@ In training mode a BatchNorm is a barrier (DESIGN §1), so groups that exist in 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +66,7 @@ class ENormTrainingReport:
 
 def _left_out(model, example_inputs, leaf_modules, train_groups) -> list[LeftOut]:
     """Eval-mode groups whose variables are not (all) free in training mode, and why."""
-    eval_groups = find_groups(copy.deepcopy(model).eval(), example_inputs, leaf_modules=leaf_modules)
+    eval_groups = find_groups(model, example_inputs, leaf_modules=leaf_modules)
     free_rows = {p.weight: np.asarray(p.out_vars) >= 0 for g in train_groups.groups for p in g.producers}
     bn = [b for b in train_groups.barriers if "BatchNorm" in b.reason]
     reason = f"BatchNorm is a barrier in training ({len(bn)} BatchNorm barriers)" if bn else "frozen in training"
@@ -142,3 +142,19 @@ class ENorm:
         self.report.dead = {gid: int(m.sum()) for gid, m in st.dead.items() if bool(m.any())}
         self.last_factors = {gid: d.double().numpy() for gid, d in st.factors.items()}
         return True
+
+
+class PlanSGD(torch.optim.SGD):
+    """SGD whose ``step()`` ends with the plan's step hook: for an ENorm plan, ``hook`` is the
+    ``ENorm`` cycle (built from ``enorm``: model, example_inputs, p, c, every), else None."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False, enorm: dict | None = None):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        self.hook = None if enorm is None else ENorm(optimizer=self, **enorm)
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self.hook is not None:
+            self.hook.step()
+        return loss

@@ -2,9 +2,10 @@
 
 A ``Plan`` is data — kind, the groups it acts on, what stays in weight space and why, the
 optimizer and schedule defaults of the papers, the model's signature — plus builders:
-``plan.optimizer(model)`` returns the torch optimizer (and, for ENorm, arms the cycle that
-``plan.after_step()`` runs after each step), ``plan.scheduler(optimizer, total_steps)`` the
-learning-rate schedule. A plan applied to a model with another architecture is an error.
+``plan.optimizer(model)`` returns the torch optimizer (a ``pathfx.optim.PlanSGD``, whose step
+ends with the plan's step hook: one ENorm cycle for ENorm plans), ``plan.scheduler(optimizer,
+total_steps)`` the learning-rate schedule. A plan applied to a model with another architecture is
+an error.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch.nn as nn
 
 from passes.errors import PathfxError
 from passes.groupset import RescalingGroups
+
+from .optim import PlanSGD, unwrap
 
 KINDS = ("enorm", "gsgd", "sgd")
 
@@ -103,8 +106,6 @@ class Plan:
     # -- builders -----------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         """Raise PlanMismatchError unless ``model`` has the parameters this plan was made for."""
-        from .optim import unwrap
-
         model = unwrap(model)
         want = self.signature.get("params", {})
         have = {n: list(p.shape) for n, p in model.named_parameters()}
@@ -119,33 +120,35 @@ class Plan:
         raise PlanMismatchError(f"this {self.kind} plan was made for {self.model_name} ({self.mode} form); the "
                                 f"model's parameters differ: {'; '.join(p for p in parts if p)}")
 
-    def optimizer(self, model: nn.Module, example_inputs=None) -> torch.optim.Optimizer:
+    def optimizer(self, model: nn.Module, example_inputs=None) -> PlanSGD:
         """The torch optimizer of this plan for ``model`` (checked against the plan's signature).
 
-        ``model`` may be wrapped in DistributedDataParallel; call ``after_step()`` on every rank.
+        For ENorm plans its ``step()`` ends with one ENorm cycle (``optimizer.hook``, a
+        ``pathfx.optim.ENorm``); ``model`` may be wrapped in DistributedDataParallel: every rank
+        steps, and every rank computes the same cycle.
         """
         self.check(model)
         s = self.optimizer_settings
         # for gsgd the trainable weights are the path values V: weight decay acts in path space (pbn F.1)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
-                              nesterov=s["nesterov"])
-        self._hook = None
+        enorm = None
         if self.kind == "enorm":
-            from .optim import ENorm
-
             x = example_inputs if example_inputs is not None else torch.randn(*self.input_shape)
-            self._hook = ENorm(model, opt, x, p=self.enorm["p"], c=self.enorm["c"], every=self.enorm["every"])
-        return opt
+            enorm = {"model": model, "example_inputs": x, "p": self.enorm["p"], "c": self.enorm["c"],
+                     "every": self.enorm["every"]}
+        return PlanSGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                       nesterov=s["nesterov"], enorm=enorm)
 
-    def after_step(self):
-        """Run what must follow each optimizer step (an ENorm cycle for ``enorm`` plans)."""
-        hook = getattr(self, "_hook", None)
-        if self.kind == "enorm":
-            if hook is None:
-                raise PathfxError("call plan.optimizer(model) before plan.after_step()")
-            return hook.step()
+    def after_step(self) -> None:
+        """Nothing left to do: the plan's optimizer runs its step hook (the ENorm cycle) inside its own
+        ``step()``. Kept so that loops written as ``opt.step(); plan.after_step()`` read as before."""
         return None
+
+    @classmethod
+    def baseline(cls, model: nn.Module, example_inputs, name: str = "") -> "Plan":
+        """The SGD + BN baseline plan (pbn F.1) for ``model`` as it is, BatchNorms and all."""
+        x = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+        return make_plan("sgd", "balance", model, None, tuple(x.shape), name=name or type(model).__name__)
 
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
         """The learning-rate schedule over ``total_steps`` optimizer steps."""
@@ -161,18 +164,25 @@ class Plan:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups, input_shape, weight_space=(),
-              acts_on=None, name: str = "") -> Plan:
-    """The plan of ``kind`` for a transformed ``model`` whose analysis gave ``groups``."""
+def acts_on(groups: RescalingGroups, ids=None) -> list[dict]:
+    """The plan's record of the groups it acts on: all of ``groups``, or those of ``ids``."""
+    chosen = None if ids is None else set(ids)
+    return [{"group": g.id, "width": g.width, "producers": [p.weight for p in g.producers]}
+            for g in groups.groups if chosen is None or g.id in chosen]
+
+
+def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups | None, input_shape, weight_space=(),
+              acting=None, name: str = "") -> Plan:
+    """The plan of ``kind`` for a transformed ``model`` whose analysis gave ``groups`` (None for the
+    ``sgd`` baseline, which acts on no group); ``acting`` as ``acts_on`` gives it (default: every group)."""
     if kind not in KINDS:
         raise PathfxError(f"unknown plan '{kind}' (plans: {', '.join(KINDS)})")
-    is_mlp = not any("conv" in g.tags for g in groups.groups)
+    is_mlp = groups is not None and not any("conv" in g.tags for g in groups.groups)
     d = DEFAULTS["enorm-mlp" if kind == "enorm" and is_mlp else kind]
-    if acts_on is None:
-        acts_on = [{"group": g.id, "width": g.width, "producers": [p.weight for p in g.producers]}
-                   for g in groups.groups] if kind != "sgd" else []
-    return Plan(kind=kind, mode=mode, model_name=name or groups.model_name, input_shape=list(input_shape),
-                acts_on=acts_on, weight_space=list(weight_space), optimizer_settings=dict(d["optimizer"]),
+    if acting is None:
+        acting = acts_on(groups) if kind != "sgd" else []
+    return Plan(kind=kind, mode=mode, model_name=name or (groups.model_name if groups else ""), input_shape=list(input_shape),
+                acts_on=acting, weight_space=list(weight_space), optimizer_settings=dict(d["optimizer"]),
                 schedule=dict(d["schedule"]), enorm=dict(d["enorm"]) if "enorm" in d else None,
                 signature={"params": {n: list(p.shape) for n, p in model.named_parameters()}},
                 sources=list(d["sources"]))

@@ -11,10 +11,11 @@ from torch.utils._pytree import tree_flatten
 from passes.errors import InputError, VerificationError
 from passes.groupset import RescalingGroups
 from passes.manager import run_pipeline
+from passes.modules import cast_floating, float64_copy, model_dtype
 from passes.table import table
-from passes.verify import Verification, float64_copy, reference, verify_reference
+from passes.verify import Verification, reference, verify_reference
 
-from .plan import Plan, make_plan
+from .plan import Plan, acts_on, make_plan
 
 MODES = {"balance": "enorm", "path": "gsgd"}  # mode -> its matched plan
 
@@ -27,7 +28,7 @@ class TransformResult:
     verification: Verification | None
     timings: dict[str, float]
     mode: str
-    report: object = None  # passes.enorm.ENormReport or pathfx.reparam.ReparamReport
+    report: object = None  # passes.enorm.ENormReport or passes.pathmodel.ReparamReport
     param_map: dict[str, str] = field(default_factory=dict)  # transformed parameter -> original parameter
 
     def __str__(self) -> str:
@@ -90,7 +91,7 @@ def _check_cast(gm: nn.Module, ref, dtype: torch.dtype, mode: str) -> None:
     want = [t for t in tree_flatten(ref.outputs[label])[0] if torch.is_tensor(t)]
     try:
         with torch.no_grad():
-            got = gm(*(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+            got = gm(*cast_floating(args, dtype))
     except Exception:  # an op without a kernel for this dtype here: the caller's own model has the same
         return
     got = [t for t in tree_flatten(got)[0] if torch.is_tensor(t)]
@@ -127,22 +128,22 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     x = example_inputs if example_inputs is not None else default_inputs(model)
     args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     # The rewrite runs in float64, so that the verified function is the exact one; the result
-    # is handed back in the model's own dtype. The original's outputs are computed first: the
-    # pipeline then owns the float64 copy and rewrites it in place, so one copy of the weights
-    # is alive at a time, not one per pass.
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # is handed back in the model's own dtype. The original's outputs are computed first, then
+    # the float64 copy is handed to the pipeline, which rewrites it in place: one copy of the
+    # weights is alive at a time, not one per pass.
+    dtype = model_dtype(model)
     training, names = model.training, [n for n, _ in model.named_parameters()]
     work = float64_copy(model).eval() if copy_model else model.to(torch.float64).eval()
-    args = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    args = cast_floating(args, torch.float64)
     ref = reference(work, args, n_random=n_random) if verify else None
     if mode == "path":  # the float64 copy is reparameterized for the dtype the result is handed back in
         pass_options.setdefault("value_dtype", dtype)
-    result = run_pipeline(mode, work, args, owned=True, **pass_options)
-    del work, model
-    result.state.pop("model")  # the float64 copy's leaves not in the result can go
-    gm, groups = result.gm, result["groups"]
-    groups.model_name = name or groups.model_name
-    report = result.state.get("enorm_report") or result.state.get("reparam_report")
+    pass_options.setdefault("name", name or type(model).__name__)
+    del model
+    state = run_pipeline(mode, work, args, copy=False, **pass_options).state
+    del work
+    gm, groups = state.gm, state.groups
+    report = state.enorm_report or state.reparam_report
     verification = None
     if verify:
         gm.eval()
@@ -156,15 +157,11 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     if verify and dtype != torch.float64:
         _check_cast(gm, ref, dtype, mode)
     weight_space = _weight_space(mode, groups, report)
-    acts_on = None
-    if mode == "path" and report is not None:
-        chosen = set(report.reparameterized_groups)
-        acts_on = [{"group": g.id, "width": g.width, "producers": [p.weight for p in g.producers]}
-                   for g in groups.groups if g.id in chosen]
-    made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, acts_on, groups.model_name)
+    chosen = acts_on(groups, report.reparameterized_groups) if mode == "path" and report is not None else None
+    made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, chosen, groups.model_name)
     return TransformResult(model=gm, groups=groups, plan=made, verification=verification,
-                           timings=dict(result.timings), mode=mode, report=report,
-                           param_map=_param_map(names, gm, result.state.get("pbn_layers", ())))
+                           timings=dict(state.timings), mode=mode, report=report,
+                           param_map=_param_map(names, gm, state.pbn_layers or ()))
 
 
 def _weight_space(mode, groups, report) -> list[dict]:

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pathfx
-import pathfx.train
+import lab.train
 from passes.pathnorm import path_norm
-from pathfx.diagnose import diagnose
+from lab.diagnose import diagnose
 from pathfx.nn import PathLayer
 from util import lively
 
@@ -112,8 +112,8 @@ CALLS = {
     "export_onnx": lambda m, tmp: pathfx.export_onnx(m, tmp / "m.onnx", X),
     "path_norm": lambda m, tmp: path_norm(m, (1, 3, 8, 8)),
     "diagnose": lambda m, tmp: diagnose(m, X),
-    "train.prepare(enorm)": lambda m, tmp: pathfx.train.prepare(m, "enorm", X),
-    "train.prepare(gsgd)": lambda m, tmp: pathfx.train.prepare(m, "gsgd", X),
+    "train.prepare(enorm)": lambda m, tmp: lab.train.prepare(m, "enorm", X),
+    "train.prepare(gsgd)": lambda m, tmp: lab.train.prepare(m, "gsgd", X),
 }
 DRAWS_RANDOM = {"reparameterize(paper)", "train.prepare(gsgd)"}  # init="paper" draws fresh weights, as nn.init does
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from passes.errors import PathfxError
-from pathfx import data
+from lab import data
 
 
 def test_digits_8x8_stratified_fixed_split():

@@ -71,7 +71,7 @@ def train(name: str, mode: str, rank: int | None = None):
         loss.backward()
         opt.step()
         plan.after_step()
-    cycles = plan._hook.report.cycles if plan.kind == "enorm" else 0
+    cycles = opt.hook.report.cycles if plan.kind == "enorm" else 0
     return model, cycles
 
 

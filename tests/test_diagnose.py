@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from passes.pathnorm import path_norm
 from pathfx.cli import main
-from pathfx.diagnose import condition_number, diagnose
+from lab.diagnose import condition_number, diagnose
 
 
 def _numpy_spectrum(s: np.ndarray):

@@ -3,10 +3,10 @@ and no overwrite without --force."""
 import pytest
 from PIL import Image
 
-import pathfx.experiments as experiments
+import lab.experiments as experiments
 from passes.errors import InputError
 from pathfx.cli import main
-from pathfx.experiments import Config
+from lab.experiments import Config
 
 TINY = Config(models=("plainnet18",), methods=("sgd", "gsgd"), seeds=(0, 1), epochs=1, max_steps=2,
               observe_depth=4, observe_width=8, observe_batch=16, annex_layers=12, annex_width=8)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from pathfx.cli import main
-from pathfx.data import synthetic
-from pathfx.train import COLUMNS, METHODS, train
+from lab.data import synthetic
+from lab.train import COLUMNS, METHODS, train
 
 TINY = dict(epochs=1, batch_size=8, width=2, progress=False, max_steps=2)
 
@@ -88,6 +88,6 @@ def test_cli_bad_data_is_exit_2(extra, message, capsys):
 
 
 def test_default_width_is_a_cpu_fraction():
-    from pathfx.commands.train import default_width
+    from lab.train import default_width
 
     assert default_width("plainnet18") == 8 and default_width("resnet18") is None

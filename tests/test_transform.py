@@ -11,7 +11,7 @@ import zoo
 from passes import reparam as reparam_pass
 from passes.errors import InputError, ShapeError, VerificationError
 from pathfx.cli import main
-from pathfx.data import digits
+from lab.data import digits
 from pathfx.plan import Plan, PlanMismatchError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathfx
 from passes.soundness import check_soundness
 
-from ._common import add_model_arguments, load_model, write_atomic
+from . import add_model_arguments, load_model, write_atomic
 
 NAME = "groups"
 HELP = "discover the rescaling-equivalence groups of a model"

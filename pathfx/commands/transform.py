@@ -6,7 +6,7 @@ import os
 import pathfx
 from passes.errors import InputError
 
-from ._common import add_model_arguments, load_model, write_atomic
+from . import add_model_arguments, load_model, write_atomic
 
 NAME = "transform"
 HELP = "rewrite a model into balanced (ENorm) or path (P-BN) form, verify it, write its plan and ONNX export"

@@ -7,7 +7,7 @@ from passes.errors import InputError
 from passes.onnx_export import load_onnx, ort_runner, torch_runner
 from passes.verify import compare, random_like
 
-from ._common import add_model_arguments, load_model
+from . import add_model_arguments, load_model
 
 NAME = "verify"
 HELP = "compare an ONNX file (onnxruntime, float32) with a model on the example and random inputs"

@@ -1,7 +1,7 @@
 """The reproduction report behind `pathfx experiments`: the papers' experiments at CPU size, one markdown
 file with its figures.
 
-1. The four training methods of pathfx.train on an MLP, a PlainNet and a ResNet, on scikit-learn's digits,
+1. The four training methods of lab.train on an MLP, a PlainNet and a ResNet, on scikit-learn's digits,
    several seeds: final test error and time per step (pbn §5.1 Table 1, enorm §6).
 2. BN vs P-BN at initialisation: σ and gradient norm per layer of a stacked CNN (pbn §5.2, `pathfx observe`).
 3. ENorm re-balancing a deliberately unbalanced 20-layer MLP (enorm Annex A, `pathfx enorm --plot`).
@@ -25,11 +25,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from passes.errors import InputError
-from passes.files import write_atomic
+from pathfx import InputError
+from pathfx.commands import write_atomic
 
 from .experiments_md import duration, markdown
-from .train import COLUMNS, METHODS, TrainResult, build_model, plot, train
+from .plots import curves
+from .train import COLUMNS, METHODS, TrainResult, build_model, train
 
 MODELS = ("pbn_mlp", "plainnet18", "resnet18_cifar")
 MIN_ANNEX_LAYERS = 12  # Annex A scales layers 6 and 12
@@ -99,8 +100,8 @@ class ModelRuns:
 class Report:
     config: Config
     models: list[ModelRuns]
-    observation: dict  # pathfx.commands.observe.observe() result
-    annex: object  # passes.enorm.ENormReport
+    observation: dict  # lab.observe.observe() result
+    annex: object  # the ENorm report of pathfx.enorm
     started: datetime
     seconds: float
     load: tuple  # load average (1 min) at start and end, when the OS tells it
@@ -120,8 +121,8 @@ def image_shape(name: str, width: int | None, size: int) -> tuple[tuple, bool]:
 
 
 def train_model(name: str, cfg: Config, log) -> ModelRuns:
-    from .commands.train import default_width
     from .data import digits
+    from .train import default_width
 
     start = time.perf_counter()
     width = default_width(name)
@@ -145,8 +146,8 @@ def train_model(name: str, cfg: Config, log) -> ModelRuns:
 
 def observation(cfg: Config) -> dict:
     """pbn §5.2 on the first training mini-batch of digits (the paper: of CIFAR-10), at the digits' own 8×8."""
-    from .commands.observe import observe
     from .data import digits
+    from .observe import observe
 
     x, y = next(iter(digits((3, 8, 8)).loaders(cfg.observe_batch, seed=0)[0]))
     return observe(cfg.observe_depth, cfg.observe_width, seed=0, x=x, y=y)
@@ -250,14 +251,14 @@ def curves_png(m: ModelRuns) -> bytes:
              SimpleNamespace(rows=mean_rows(m.finished(method) or runs)) for method, runs in m.runs.items()}
     buf = io.BytesIO()
     n = len(next(iter(m.runs.values())))
-    plot(means, buf, error=True, title=f"{m.name} on digits {'×'.join(map(str, m.shape))}: "
+    curves(means, buf, error=True, title=f"{m.name} on digits {'×'.join(map(str, m.shape))}: "
                                        + (f"mean of {n} seeds" if n > 1 else "one seed"))
     return buf.getvalue()
 
 
 def write(report: Report, paths: dict[str, str], command: str, force: bool) -> None:
-    from .commands.enorm import plot as enorm_plot
-    from .commands.observe import to_csv, to_png
+    from .observe import to_csv, to_png
+    from .plots import enorm_plot
 
     os.makedirs(os.path.dirname(paths["annex.png"]), exist_ok=True)
     for m in report.models:

@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 import torch
 
-from .commands.train import CPU_WIDTH_DIVISOR
+from .train import CPU_WIDTH_DIVISOR
 
 PAPER_NAMES = {"sgd": "SGD+BN", "enorm": "ENorm", "gsgd": "G-SGD+P-BN", "gsgd-bn": "G-SGD+BN"}
 TRAINS = {
@@ -99,7 +99,7 @@ def training(report, links) -> str:
         f"searched on digits. The error is the test error after the last epoch; one test image is "
         f"{100 / s['test_size']:.2f} points.",
         "",
-        "Methods (`pathfx.train`): " + "; ".join(f"`{m}` ({PAPER_NAMES[m]}): {TRAINS[m]}" for m in cfg.methods)
+        "Methods (`lab.train`): " + "; ".join(f"`{m}` ({PAPER_NAMES[m]}): {TRAINS[m]}" for m in cfg.methods)
         + ".",
         "",
         "### Final test error and time per step",

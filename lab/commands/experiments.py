@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from passes.errors import InputError
+from pathfx import InputError
 
 NAME = "experiments"
 HELP = ("train the four methods on digits over several seeds, observe BN vs P-BN at init, re-balance the "
@@ -11,7 +11,7 @@ HELP = ("train the four methods on digits over several seeds, observe BN vs P-BN
 
 
 def add_arguments(p) -> None:
-    from pathfx.experiments import Config
+    from ..experiments import Config
 
     c = Config()
     p.add_argument("--out", default="docs/experiments.md",
@@ -37,7 +37,7 @@ def _names(text: str) -> tuple:
 
 
 def run(args) -> int:
-    from pathfx.experiments import Config, run as run_experiments
+    from ..experiments import Config, run as run_experiments
 
     try:
         seeds = tuple(int(s) for s in _names(args.seeds))

@@ -1,13 +1,11 @@
 """`pathfx diagnose MODEL`: per-layer conditioning, BN σ, weight energy and path-norm on one batch."""
 from __future__ import annotations
 
-import torch
+from pathfx import InputError
+from pathfx.commands import add_model_arguments, load_model, write_atomic
 
-from passes.errors import InputError
-from pathfx import data
-from pathfx.diagnose import diagnose
-
-from ._common import add_model_arguments, load_model, write_atomic
+from .. import data
+from ..diagnose import diagnose
 
 NAME = "diagnose"
 HELP = "layer-wise conditioning (input / output-gradient covariance), BN σ, weight energy and ℓ1 path-norm"
@@ -26,23 +24,13 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --png / --csv")
 
 
-def batch(shape: tuple, n: int, source: str, seed: int):
-    """(x, y): ``n`` digits resized to ``shape`` (C, H, W), or Gaussian inputs with no labels."""
-    if source == "digits" and len(shape) == 3:
-        d = data.digits(shape)
-        x, y = d.train
-        return x[:n], y[:n]
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n,) + tuple(shape), generator=g), None
-
-
 def run(args) -> int:
     if args.batch < 2:
         raise InputError("--batch must be at least 2 (BatchNorm needs two samples)")
     if not 0 < args.p <= 1:
         raise InputError("--p must be in (0, 1]")
     model, x, name = load_model(args)
-    xb, yb = batch(tuple(x.shape[1:]), args.batch, args.data, args.seed)
+    xb, yb = data.sample_batch(tuple(x.shape[1:]), args.batch, args.data, args.seed)
     result = diagnose(model, xb, yb, p=args.p, train=not args.eval, seed=args.seed)
     print(f"{name}: batch of {len(xb)} ({args.data if yb is not None else 'random'}), "
           f"{'training' if not args.eval else 'eval'}-mode BatchNorm\n")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import io
 
 import pathfx
-from passes.errors import InputError
+from pathfx import InputError
+from pathfx.commands import add_model_arguments, load_model, write_atomic
 
-from ._common import add_model_arguments, load_model, write_atomic
+from ..plots import enorm_plot
 
 NAME = "enorm"
 HELP = "balance a model's weights by Equi-normalization (ENorm) and report the energy per layer"
@@ -25,35 +26,6 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the --plot file")
 
 
-def plot(report, title: str):
-    """A matplotlib figure: per-unit weight norm of each layer before and after, and the objective per cycle."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.35 * len(report.layers) + 3), 11))
-    rng = np.random.default_rng(0)
-    for ax, when in zip(axes[:2], ("before", "after")):
-        for i, lay in enumerate(report.layers):
-            energy = np.asarray(getattr(lay, f"rows_{when}"))
-            norms = energy ** (1 / report.p)
-            ax.scatter(i + rng.uniform(-0.3, 0.3, len(norms)), norms, s=3, alpha=0.5)
-        ax.set_yscale("log")
-        ax.set_ylabel(f"ℓ{report.p:g} norm per unit")
-        ax.set_title(f"{title}: energy {when} ENorm (one dot per output unit: its incoming weights, "
-                     "the paper's weight-matrix column)")
-        ax.set_xticks(range(len(report.layers)))
-        ax.set_xticklabels([lay.name.removesuffix(".weight") for lay in report.layers], rotation=90, fontsize=6)
-    axes[2].plot(range(len(report.objective)), report.objective, marker=".")
-    axes[2].set_xlabel("cycle")
-    axes[2].set_ylabel(f"Σ|w|^{report.p:g}")
-    axes[2].set_title("objective per cycle (0 = before)")
-    fig.tight_layout()
-    return fig
-
-
 def run(args) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise InputError(f"--plot writes a PNG file: '{args.plot}' does not end in .png")
@@ -64,7 +36,7 @@ def run(args) -> int:
     if report.dead:
         print("\ndead channels (skipped): " + ", ".join(f"group {d.group}: {len(d.variables)}" for d in report.dead))
     if args.plot:
-        fig = plot(report, name)
+        fig = enorm_plot(report, name)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         write_atomic(args.plot, buf.getvalue(), force=args.force, binary=True)

@@ -30,10 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.errors import PathfxError
-from passes.fold_bn import BATCHNORMS, LAYERS
-from passes.pathnorm import path_norm
-from passes.table import table
+from pathfx import PathfxError, path_norm
+from pathfx.commands import table
+from pathfx.nn import BATCHNORMS, LAYERS
 
 
 @dataclass

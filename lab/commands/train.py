@@ -1,17 +1,17 @@
 """`pathfx train --model M --plan P`: train a model with one of the four methods; a CSV log and a PNG of the curves."""
 from __future__ import annotations
 
-import inspect
 import io
 import os
 
-from passes.errors import InputError
+from pathfx import InputError
+from pathfx.commands import write_atomic
 
-from ._common import write_atomic
+from ..plots import curves
+from ..train import COLUMNS, CPU_WIDTH_DIVISOR, default_width, train
 
 NAME = "train"
 HELP = "train a model with sgd (+BN), enorm, gsgd (+P-BN) or gsgd-bn on digits, synthetic data or CIFAR-10"
-CPU_WIDTH_DIVISOR = 8  # default --width: the model's own width / 8, so that the default run takes minutes on a CPU
 
 
 def add_arguments(p) -> None:
@@ -33,25 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def default_width(model: str) -> int | None:
-    """The builder's own ``width`` default divided by CPU_WIDTH_DIVISOR; None for builders without one."""
-    import zoo
-
-    build = zoo.lookup(model).build
-    sig = inspect.signature(build)
-    param = sig.parameters.get("width")
-    if param is None:  # a builder that passes **kw on: the width of the class it returns
-        cls = sig.return_annotation
-        cls = getattr(build, "__globals__", {}).get(cls) if isinstance(cls, str) else cls
-        param = inspect.signature(cls).parameters.get("width") if isinstance(cls, type) else None
-    if param is None or not isinstance(param.default, int):
-        return None
-    return max(1, param.default // CPU_WIDTH_DIVISOR)
-
-
 def run(args) -> int:
-    from pathfx.train import COLUMNS, plot, train
-
     for path in (args.csv, args.png):  # refuse before any work, not after minutes of it
         if path and os.path.exists(path) and not args.force:
             raise InputError(f"output file '{path}' exists (use --force to overwrite)")
@@ -83,7 +65,7 @@ def run(args) -> int:
         print(f"log written to {args.csv}")
     if args.png:
         buf = io.BytesIO()
-        plot({f"{args.model} {args.plan}": r}, buf)
+        curves({f"{args.model} {args.plan}": r}, buf)
         write_atomic(args.png, buf.getvalue(), force=args.force, binary=True)
         print(f"curves written to {args.png}")
     if r.stopped:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from passes.errors import InputError, PathfxError
+from pathfx import InputError, PathfxError
 
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
@@ -141,6 +141,16 @@ def load(name: str, shape=None, root: str | None = None, seed: int = 0, **kw) ->
             raise InputError("cifar10 needs the directory of its python batches (root)")
         return cifar10(root, **kw)
     raise InputError(f"unknown dataset '{name}': digits, synthetic or cifar10")
+
+
+def sample_batch(shape: tuple, n: int, source: str, seed: int):
+    """(x, y): ``n`` digits resized to ``shape`` (C, H, W), or Gaussian inputs with no labels."""
+    if source == "digits" and len(shape) == 3:
+        d = digits(shape)
+        x, y = d.train
+        return x[:n], y[:n]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + tuple(shape), generator=g), None
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, size: int | None = None, pad: int = 0,

@@ -1,4 +1,4 @@
-"""`pathfx observe`: the observation experiment of pbn §5.2 (Fig. 6) at initialisation.
+"""The observation experiment of pbn §5.2 (Fig. 6) at initialisation.
 
 A stacked CNN (kernel 3, stride 1, padding 1, no bias) with BN versus the same network path-
 reparameterized with P-BN (``init="paper"``): per layer, the mean over channels of the batch
@@ -16,31 +16,19 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.trace import trace
-
-from ._common import write_atomic
-
-NAME = "observe"
-HELP = "per-layer BN sigma and log gradient norm of a stacked CNN with BN vs P-BN (pbn §5.2, Fig. 6)"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--depth", type=int, default=50)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--size", type=int, default=32, help="input height and width")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--png", default="observe.png", help="figure file (default observe.png)")
-    p.add_argument("--csv", default="observe.csv", help="table file (default observe.csv)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-
 
 class _Recorder(fx.Interpreter):
-    """Runs a GraphModule and keeps every ReLU output with its gradient retained."""
+    """Runs a GraphModule and keeps every ReLU output (function or module) with its gradient retained."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.relus: list[torch.Tensor] = []
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n.op == "call_function" and n.target is torch.relu:
+        relu = (n.op == "call_function" and n.target in (torch.relu, F.relu)) or \
+            (n.op == "call_module" and isinstance(self.module.get_submodule(n.target), nn.ReLU))
+        if relu:
             out.retain_grad()
             self.relus.append(out)
         return out
@@ -57,7 +45,6 @@ def measure(model: fx.GraphModule, x, y) -> tuple[list[float], list[float]]:
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     model.train()
     rec = _Recorder(model)
-    rec.relus = []
     loss = F.cross_entropy(rec.run(x), y)
     loss.backward()
     for h in handles:
@@ -77,7 +64,7 @@ def observe(depth=50, width=128, batch=128, size=32, seed=0, x=None, y=None) -> 
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
     path, _ = pathfx.reparameterize(model, x[:2], pbn=True, init="paper")
-    bn_sigma, bn_grad = measure(trace(model), x, y)
+    bn_sigma, bn_grad = measure(fx.symbolic_trace(model), x, y)
     pbn_sigma, pbn_grad = measure(path, x, y)
     return {"bn_sigma": bn_sigma, "pbn_sigma": pbn_sigma, "bn_log_grad": bn_grad, "pbn_log_grad": pbn_grad}
 
@@ -120,11 +107,3 @@ def summary(res) -> str:
             f"P-BN: mean sigma {sum(res['pbn_sigma']) / len(res['pbn_sigma']):.3g}\n"
             f"ln gradient norm, growth per layer towards the input: BN {growth(res['bn_log_grad']):.4f}, "
             f"P-BN {growth(res['pbn_log_grad']):.4f}")
-
-
-def run(args) -> int:
-    res = observe(args.depth, args.width, args.batch, args.size, args.seed)
-    write_atomic(args.csv, to_csv(res), force=args.force)
-    write_atomic(args.png, to_png(res), force=args.force, binary=True)
-    print(summary(res))
-    return 0

@@ -7,9 +7,8 @@ Methods (what is trained, and by which plan):
   The balanced model has its BatchNorms folded into the layers before them, so it trains without BN
   (enorm-iclr2019 trains without BN except one after the last layer; here there is none at all).
 * ``gsgd``: ``transform(mode="path", plan="gsgd", init="paper")``: SGD on the path values with P-BN.
-* ``gsgd-bn``: G-SGD with conventional BatchNorm, the ablation of pbn-iclr2020. ``transform`` always
-  fuses P-BN (its ``path`` pipeline ends with the ``pbn`` pass), so this runs ``reparameterize(pbn=False,
-  init="paper")`` and makes the ``gsgd`` plan for the result with ``make_plan``.
+* ``gsgd-bn``: G-SGD with conventional BatchNorm, the ablation of pbn-iclr2020:
+  ``transform(mode="path", pbn=False, init="paper")``.
 
 ``init="paper"`` re-initializes the model for training from scratch, so the rewritten model is not the
 original function: those transforms run with ``verify=False``.
@@ -27,11 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.errors import InputError
+import pathfx
+from pathfx import InputError
 
 from .data import Data, load, random_crop_flip
 
 METHODS = ("sgd", "enorm", "gsgd", "gsgd-bn")
+CPU_WIDTH_DIVISOR = 8  # default width: the model's own width / 8, so that a default run takes minutes on a CPU
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "lr")
 
 
@@ -67,28 +68,35 @@ def build_model(name: str, width: int | None = None) -> nn.Module:
     return zoo.build(name, **({"width": width} if width is not None else {}))
 
 
+def default_width(model: str) -> int | None:
+    """The builder's own ``width`` default divided by CPU_WIDTH_DIVISOR; None for builders without one."""
+    import inspect
+
+    import zoo
+
+    build = zoo.lookup(model).build
+    sig = inspect.signature(build)
+    param = sig.parameters.get("width")
+    if param is None:  # a builder that passes **kw on: the width of the class it returns
+        cls = sig.return_annotation
+        cls = getattr(build, "__globals__", {}).get(cls) if isinstance(cls, str) else cls
+        param = inspect.signature(cls).parameters.get("width") if isinstance(cls, type) else None
+    if param is None or not isinstance(param.default, int):
+        return None
+    return max(1, param.default // CPU_WIDTH_DIVISOR)
+
+
 def prepare(model: nn.Module, method: str, x: torch.Tensor, name: str = ""):
     """(model to train, its plan) for ``method``; ``model`` itself is not modified."""
-    import pathfx
-    from .plan import make_plan
-
     if method == "sgd":
-        groups = pathfx.find_groups(model, x, name=name)
-        return copy.deepcopy(model), make_plan("sgd", "balance", model, groups, tuple(x.shape), name=name)
+        return copy.deepcopy(model), pathfx.Plan.baseline(model, x, name=name)
     if method == "enorm":
         r = pathfx.transform(model, x, mode="balance", plan="enorm", name=name)
         return r.model, r.plan
-    if method == "gsgd":
-        r = pathfx.transform(model, x, mode="path", plan="gsgd", init="paper", verify=False, name=name)
+    if method in ("gsgd", "gsgd-bn"):
+        r = pathfx.transform(model, x, mode="path", plan="gsgd", init="paper", pbn=method == "gsgd", verify=False,
+                             name=name)
         return r.model, r.plan
-    if method == "gsgd-bn":
-        groups = pathfx.find_groups(model, x, name=name)
-        gm, report = pathfx.reparameterize(model, x, pbn=False, init="paper")
-        chosen = set(report.reparameterized_groups)
-        acts_on = [{"group": g.id, "width": g.width, "producers": [p.weight for p in g.producers]}
-                   for g in groups.groups if g.id in chosen]
-        weight_space = [{"what": f"{n} variables", "reason": r} for r, n in report.weight_space.items()]
-        return gm, make_plan("gsgd", "path", gm, groups, tuple(x.shape), weight_space, acts_on, name)
     raise InputError(f"unknown method '{method}' (methods: {', '.join(METHODS)})")
 
 
@@ -209,37 +217,3 @@ def _bar(loader, progress: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def plot(results: dict, path_or_file, error: bool = False, title: str | None = None) -> None:
-    """Loss and accuracy curves (train dashed, test solid) of ``{label: TrainResult}`` as a PNG; ``error``
-    draws the error rate 1 − accuracy instead of the accuracy, loss and error on log scales. Only
-    ``result.rows`` is read, so averaged rows in any object with a ``rows`` attribute plot too."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, r in results.items():
-        ep = [row["epoch"] for row in r.rows]
-        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-            value = (lambda v: 1.0 - v) if error and key == "acc" else (lambda v: v)
-            line, = ax.plot(ep, [value(row[f"test_{key}"]) for row in r.rows], marker="o", label=f"{label} test")
-            ax.plot(ep, [value(row[f"train_{key}"]) for row in r.rows], "--", color=line.get_color(),
-                    label=f"{label} train")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    if error:  # both on log scales: a few early spikes would flatten every later difference
-        ax_acc.set(xlabel="epoch", ylabel="error rate (1 − accuracy)", title="error (zeros not drawn)")
-        ax_acc.set_yscale("log", nonpositive="mask")
-        ax_loss.set_yscale("log")
-    else:
-        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    if title:
-        fig.suptitle(title)
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_or_file, format="png", dpi=100)
-    plt.close(fig)
