@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from passes.errors import InputError
 from passes.fold_bn import BATCHNORMS, fold_bn
+from passes.functional import modularize
 from passes.groups import analyze
 from passes.groupset import in_channel_index
 from passes.pbn import insert_pbn
@@ -135,7 +136,7 @@ def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", 
     root = copy.deepcopy(model).eval() if copy_model else model.eval()
     gm = trace(root, leaf_modules=leaf_modules, copy_model=False)
     gm.eval()
-    propagate(gm, inputs)
+    modularize(propagate(gm, inputs))  # the path model keeps the module spellings that the analysis folds
     # folded for the analysis only: a GraphModule over the same leaves, where fold_bn sets new modules
     folded, fold_report = fold_bn(fx.GraphModule(gm, copy.deepcopy(gm.graph)), inplace=True)
     # A layer that feeds a BN and other nodes exists twice in the analysis (as it is, and folded
