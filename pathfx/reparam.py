@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes.errors import InputError
-from passes.fold_bn import BATCHNORMS, fold_bn
+from passes.fold_bn import BATCHNORMS, ChannelAffine, fold_bn
 from passes.functional import modularize
 from passes.groups import analyze
 from passes.groupset import in_channel_index
@@ -82,6 +82,10 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def _set_bn(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, name: str) -> None:
     """Make ``bn``'s eval map x ↦ scale·x + shift exactly (running mean 0, running var 1)."""
+    if isinstance(bn, ChannelAffine):  # a frozen BatchNorm's affine: the map itself
+        bn.weight.copy_(scale)
+        bn.bias.copy_(shift)
+        return
     if bn.weight is None or bn.running_var is None:
         raise InputError(f"BatchNorm '{name}' has no affine parameters or running statistics: "
                          "it cannot carry a reparameterized layer's scale")

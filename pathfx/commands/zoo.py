@@ -17,7 +17,8 @@ from passes.soundness import check_soundness
 from ._common import write_atomic
 
 NAME = "zoo"
-HELP = "analyse many models (default: the torchvision classifiers) and write a Markdown coverage table"
+HELP = "analyse many models (default: the torchvision classifiers; --source timm: one model per timm module) and " \
+       "write a Markdown coverage table"
 SKIP_CHECK_PARAMS = 300_000_000  # float64 copies of larger models need several GiB: analysis only
 
 
@@ -26,13 +27,16 @@ def add_arguments(p) -> None:
     which.add_argument("--all", action="store_true", help="every torchvision classifier and zoo model (default)")
     which.add_argument("--models", help="comma-separated model names")
     which.add_argument("--list", action="store_true", help="list the known model names and exit")
+    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
+                   help="the models of --all and --list: torchvision's classifiers and the zoo, or timm's sweep "
+                        "list (one model per timm module, built with pretrained=False)")
     p.add_argument("--mode", choices=["analyze", "balance", "path"], default="analyze",
                    help="analyze: groups + soundness check; balance / path: transform + verify + ONNX export")
     p.add_argument("--cycles", type=int, default=10, help="balance mode: ENorm cycles per model")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="ONNX exporter (auto: dynamo, TorchScript when dynamo fails)")
-    p.add_argument("--size", type=int, help="balance / path: square inputs of this size where a model accepts "
-                                            "them (default: each model's own input shape)")
+    p.add_argument("--size", type=int, help="square inputs of this size where a model accepts them (default: "
+                                            "each model's own input shape)")
     p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--resume", action="store_true",
@@ -95,11 +99,11 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
     return r
 
 
-def row(name: str) -> dict:
+def row(name: str, size: int | None = None) -> dict:
     t = time.perf_counter()
     r = {"model": name}
     try:
-        model, x = _build(name)
+        model, x = _build(name, size)
         g = pathfx.find_groups(model, x, name=name)
         top = Counter(b.op for b in g.barriers).most_common(3)
         r.update(traced="yes", groups=len(g.groups), free=g.num_free, frozen=g.num_frozen,
@@ -117,8 +121,15 @@ def row(name: str) -> dict:
     return r
 
 
+RAW = "raw exception"  # not a PathfxError: a bug of pathfx, kept in the table instead of ending the sweep
+
+
 def _one(name: str, mode: str, cycles: int, exporter: str, size: int | None) -> dict:
-    return row(name) if mode == "analyze" else transform_row(name, mode, cycles, exporter, size)
+    try:
+        return row(name, size) if mode == "analyze" else transform_row(name, mode, cycles, exporter, size)
+    except Exception as e:
+        text = f"{RAW} {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        return {"model": name, "traced": "-", "check": text, "status": text}
 
 
 def isolated(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None) -> dict:
@@ -163,6 +174,8 @@ NOTHING_REWRITTEN = "verify and export with nothing reparameterized"
 
 
 def _status_kind(text: str, mode: str) -> str:
+    if text.startswith(RAW):
+        return RAW
     if mode == "analyze":
         return "sound" if text.endswith(" ok") else text if text in ("nothing to check", "not run (size)") else \
             "FAILED" if "FAILED" in text else "not traced"
@@ -198,10 +211,11 @@ def passed(r: dict, mode: str) -> bool:
 
 
 def run(args) -> int:
+    every = zoo.timm.sweep_names() if args.source == "timm" else zoo.all_names()
     if args.list:
-        print("\n".join(zoo.all_names()))
+        print("\n".join(every))
         return 0
-    names = [n.strip() for n in args.models.split(",")] if args.models else zoo.all_names()
+    names = [n.strip() for n in args.models.split(",")] if args.models else every
     for n in names:
         zoo.lookup(n)  # unknown names fail before any work
     columns = COLUMNS if args.mode == "analyze" else TRANSFORM_COLUMNS
@@ -218,5 +232,6 @@ def run(args) -> int:
         if args.out:  # the table so far, so that a stopped sweep keeps what it measured
             write_atomic(args.out, markdown(rows, columns) + summary(rows, args.mode), force=True)
     print(markdown(rows, columns) + summary(rows, args.mode))
-    failed = any("FAILED" in r.get("check", "") or "VerificationError" in r.get("status", "") for r in rows)
+    failed = any("FAILED" in r.get("check", "") or "VerificationError" in r.get("status", "") or
+                 r.get("status", "").startswith(RAW) for r in rows)
     return 1 if failed else 0
