@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
-.PHONY: setup demo test test-slow bench coverage experiments clean
+.PHONY: setup demo test test-slow bench coverage timm-coverage experiments clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ coverage: $(STAMP)
 	$(VENV)/bin/pathfx zoo --all --out docs/models_table.md --force
 	$(VENV)/bin/pathfx zoo --all --mode balance --size 64 --exporter torchscript --out docs/transform_balance.md --force
 	$(VENV)/bin/pathfx zoo --all --mode path --size 64 --exporter torchscript --out docs/transform_path.md --force
+
+# The timm tables of docs/: one model per timm module at 64 px (an hour or more per mode on one thread).
+timm-coverage: $(STAMP)
+	$(VENV)/bin/pathfx zoo --source timm --size 64 --out docs/timm_table.md --force
+	$(VENV)/bin/pathfx zoo --source timm --mode balance --size 64 --exporter torchscript --out docs/timm_balance.md --force
+	$(VENV)/bin/pathfx zoo --source timm --mode path --size 64 --exporter torchscript --out docs/timm_path.md --force
 
 # The reproduction report docs/experiments.md and its figures in docs/experiments/ (about 15–25 min on one thread).
 experiments: $(STAMP)

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class ChannelAffine(nn.Module):
@@ -74,7 +74,7 @@ def _folded(layer: nn.Module, bn: nn.Module, reuse: bool = False, pending: list 
         w.mul_(scale)
     else:
         out = copy.copy(layer)
-        out._parameters = dict(layer._parameters)
+        out._parameters, out._modules = dict(layer._parameters), dict(layer._modules)
         if pending is None:
             out.weight = nn.Parameter(w * scale, w.requires_grad)
         else:
@@ -82,6 +82,27 @@ def _folded(layer: nn.Module, bn: nn.Module, reuse: bool = False, pending: list 
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
     out.bias = nn.Parameter((b * a + shift).to(w.dtype), w.requires_grad)
     return out
+
+
+def set_module(gm: nn.Module, name: str, module: nn.Module) -> None:
+    """Set ``module`` at ``name``; the submodules of the module it replaces stay reachable under it (a
+    BatchNorm spelled by timm's BatchNormAct2d has its activation as a child, called on its own)."""
+    parent, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    old = getattr(owner, leaf, None)
+    if isinstance(old, nn.Module):
+        for k, sub in old._modules.items():
+            if k not in module._modules:
+                module.add_module(k, sub)
+    setattr(owner, leaf, module)
+
+
+def _reads_shape(user: fx.Node) -> bool:
+    """A use that reads only the rank, shape or dtype (timm's ``_assert(x.ndim == 4)``): the folded
+    layer's output has the same, so such a use does not keep the unfolded output alive."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] in ("ndim", "shape", "dtype", "device")
+    return user.op == "call_method" and user.target in ("size", "dim", "numel")
 
 
 def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
@@ -105,8 +126,11 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
     unscaled weights until ``report.materialize()`` (an analysis that reads only the graph and the
     shapes then never writes a second copy of the conv weights).
     """
+    from .functional import modularize
+
     if not inplace:
         gm = copy.deepcopy(gm)
+    modularize(gm)  # every BatchNorm spelling a module first, so that one fold serves them all
     report = FoldReport()
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -123,11 +147,11 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
         src = node.args[0]
         layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if _foldable(bn, layer) and not src.kwargs and len(src.args) == 1 and src.target not in absorbed:
-            alone = len(src.users) == 1 and calls[src.target] == 1
+            alone = sum(not _reads_shape(u) for u in src.users) == 1 and calls[src.target] == 1
             fused = _folded(layer, bn, reuse=inplace and reuse_layers and alone,
                             pending=report.pending if lazy else None)
             if alone:
-                gm.set_submodule(src.target, fused)
+                set_module(gm, src.target, fused)
                 absorbed.add(src.target)
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
@@ -145,7 +169,7 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
             continue
         a, shift = _bn_scale_shift(bn)
         dtype = bn.running_mean.dtype
-        gm.set_submodule(node.target, ChannelAffine(a.to(dtype), shift.to(dtype)))
+        set_module(gm, node.target, ChannelAffine(a.to(dtype), shift.to(dtype)))
         report.affine.append(node.target)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

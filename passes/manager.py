@@ -255,12 +255,14 @@ def _fold_bn(state: PipelineState, *, reuse_layers=False, keep_unfolded=False, l
     conv weights). ``lazy_weights``: write the folded weights only when the groups' ``source`` is
     first read (``find_groups``: most callers read only the groups)."""
     from .fold_bn import fold_bn
+    from .functional import modularize
 
     if state.gm.training:  # training-mode BatchNorms normalise by batch statistics: nothing to fold
         state.fold_report = FoldReport()
         return state
     gm = state.gm
     if keep_unfolded:
+        modularize(gm)  # the path model keeps the module spellings that the analysis folds
         state.traced = gm
         gm = fx.GraphModule(gm, copy_module.deepcopy(gm.graph), type(gm).__name__)
         gm.training = state.traced.training

@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import InputError
-from .fold_bn import BATCHNORMS, FoldReport
+from .fold_bn import BATCHNORMS, ChannelAffine, FoldReport
 from .groupset import RescalingGroups, in_channel_index
 from .modules import model_dtype
 from .pathnn import PathLayer
@@ -72,6 +72,10 @@ class ReparamReport:
 @torch.no_grad()
 def _set_bn(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, name: str) -> None:
     """Make ``bn``'s eval map x ↦ scale·x + shift exactly (running mean 0, running var 1)."""
+    if isinstance(bn, ChannelAffine):  # a frozen BatchNorm's affine: the map itself
+        bn.weight.copy_(scale)
+        bn.bias.copy_(shift)
+        return
     if bn.weight is None or bn.running_var is None:
         raise InputError(f"BatchNorm '{name}' has no affine parameters or running statistics: "
                          "it cannot carry a reparameterized layer's scale")

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .fold_bn import LAYERS, ChannelAffine
 from .groupset import Consumer, RescalingGroups, apply_factors, in_channel_index
 from .modules import float64_copy
 
@@ -82,8 +83,9 @@ def select_groups(groups: RescalingGroups, policy: str, module,
             reason = SHARED_BN
         elif policy == "per-block" and any(t in g.tags for t in STREAM_TAGS):
             reason = "residual stream (policy per-block)"
-        elif any(w.rpartition(".")[0] not in modules or w.rpartition(".")[2] != "weight" for w in layers):
-            reason = "a layer of the group is not a module (functional conv/linear)"
+        elif any(type(modules.get(w.rpartition(".")[0])) not in LAYERS + (ChannelAffine,)
+                 or w.rpartition(".")[2] != "weight" for w in layers):
+            reason = "a layer of the group is not a conv/linear module (functional conv/linear)"
         else:
             out.append(g.id)
             continue

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fold_bn import ChannelAffine
+from .functional import arg, batch_norm_refusal, constant
 from .slots import along, channel_ids, compress, fixed, is_free, only_along, right_align
 
 RULES: dict = {}
@@ -51,7 +52,7 @@ for _keys, _why in [
      "normalises across channels"),
     ((nn.LayerNorm, F.layer_norm), "normalises across channels (scale invariant, not homogeneous)"),
     ((nn.GroupNorm, F.group_norm), "normalises across channels (scale invariant, not homogeneous)"),
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
      "BatchNorm that is not folded (training mode or no running statistics)"),
     ((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, nn.LocalResponseNorm),
      "normalisation: not homogeneous"),
@@ -80,10 +81,7 @@ def barrier(ctx, node, reason):
     return ctx.fixed_output(node)
 
 
-def _arg(node, i, name, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+_arg = arg
 
 
 # -- pass-through: positively homogeneous of degree 1, channel-preserving ------------------
@@ -314,6 +312,15 @@ def reduce(ctx, node):
     return ids if keep else ids.reshape([s for d, s in enumerate(ids.shape) if d not in dims])
 
 
+@rule(F.batch_norm)
+def functional_batch_norm(ctx, node):
+    """An eval-mode ``F.batch_norm`` on buffers became a BatchNorm module (``passes.functional``) and was
+    folded; one that reaches the analysis is a barrier, with the reason it stayed functional."""
+    why = batch_norm_refusal(ctx.gm, node) or \
+        "BatchNorm whose tensors are read by other ops too, or are not attributes of one module"
+    return barrier(ctx, node, why)
+
+
 # -- layers: consumers of their input slots, producers of fresh slots ----------------------
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -329,7 +336,7 @@ def _layer_params(ctx, node):
         bias = f"{node.target}.bias" if mod.bias is not None else None
         return f"{node.target}.weight", bias, kind, groups, mod.weight.shape[0]
     w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
-    if not (isinstance(w, fx.Node) and w.op == "get_attr") or (b is not None and not (
+    if not _is_parameter(ctx, w) or (b is not None and not (
             isinstance(b, fx.Node) and b.op == "get_attr")):
         return None
     kind = "linear" if ctx.key(node) is F.linear else "conv"
@@ -337,10 +344,40 @@ def _layer_params(ctx, node):
     return w.target, (b.target if b is not None else None), kind, groups, ctx.shape(w)[0]
 
 
+def _is_parameter(ctx, w) -> bool:
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return False
+    owner, _, field = w.target.rpartition(".")
+    try:
+        return isinstance(getattr(ctx.gm.get_submodule(owner), field), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def fixed_map(ctx, node):
+    """A conv whose weight is a constant (a buffer such as an anti-aliasing blur filter, not a
+    parameter): not a free layer. Where every output channel reads one input channel and no bias is
+    added, y_o = k_o * x_{o // m} is positively homogeneous and channel-preserving: the slots pass,
+    each repeated over the m outputs of its channel. Any other fixed map mixes channels."""
+    if ctx.key(node) is F.linear or _arg(node, 2, "bias") is not None:
+        return barrier(ctx, node, "fixed linear map (weight not a parameter) that mixes channels or adds a bias")
+    x = ctx.value(node.args[0])
+    c_in, c_out = ctx.shape(node.args[0])[1], ctx.shape(node)[1]
+    if ctx.shape(_arg(node, 1, "weight"))[1] != 1 or c_out % c_in:
+        return barrier(ctx, node, "fixed linear map (weight not a parameter) that mixes channels")
+    if not only_along(x, 1):
+        return barrier(ctx, node, "fixed linear map over dims where slots vary")
+    out = np.repeat(along(x, 1, c_in), c_out // c_in)
+    ctx.event(node, None, out)
+    return compress(channel_ids(out, len(ctx.shape(node)), 1))
+
+
 @rule(nn.Linear, F.linear, *CONVS, *F_CONVS, ChannelAffine)
 def layer(ctx, node):
     params = _layer_params(ctx, node)
     if params is None:
+        if node.op == "call_function" and constant(ctx.gm, _arg(node, 1, "weight")):
+            return fixed_map(ctx, node)
         return barrier(ctx, node, "layer whose weight is computed, not a parameter")
     weight, bias, kind, groups, c_out = params
     x = ctx.value(node.args[0])

@@ -75,11 +75,11 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
     return r
 
 
-def row(name: str) -> dict:
+def row(name: str, size: int | None = None) -> dict:
     t = time.perf_counter()
     r = {"model": name}
     try:
-        model, x = _build(name)
+        model, x = _build(name, size)
         g = find_groups(model, x, name=name)
         top = Counter(b.op for b in g.barriers).most_common(3)
         r.update(traced="yes", groups=len(g.groups), free=g.num_free, frozen=g.num_frozen,
@@ -97,8 +97,15 @@ def row(name: str) -> dict:
     return r
 
 
+RAW = "raw exception"  # not a PathfxError: a bug of pathfx, kept in the table instead of ending the sweep
+
+
 def _one(name: str, mode: str, cycles: int, exporter: str, size: int | None) -> dict:
-    return row(name) if mode == "analyze" else transform_row(name, mode, cycles, exporter, size)
+    try:
+        return row(name, size) if mode == "analyze" else transform_row(name, mode, cycles, exporter, size)
+    except Exception as e:
+        text = f"{RAW} {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        return {"model": name, "traced": "-", "check": text, "status": text}
 
 
 def isolated(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None) -> dict:
@@ -143,6 +150,8 @@ NOTHING_REWRITTEN = "verify and export with nothing reparameterized"
 
 
 def _status_kind(text: str, mode: str) -> str:
+    if text.startswith(RAW):
+        return RAW
     if mode == "analyze":
         return "sound" if text.endswith(" ok") else text if text in ("nothing to check", "not run (size)") else \
             "FAILED" if "FAILED" in text else "not traced"

@@ -38,10 +38,65 @@ FNS = {
     "nearest": lambda t: F.interpolate(t, scale_factor=2, mode="nearest"),
     "bilinear": lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False),
 }
+
+
+# Spellings that torch.fx traces through (their classes are outside torch.nn), as timm and torchvision write them.
+class BNActReLU(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a rank check, ``F.batch_norm``, then the activation."""
+
+    act = staticmethod(torch.relu)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        training = self.training or self.running_mean is None
+        return self.act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training,
+                                     0.1, self.eps))
+
+
+class BNActSiLU(BNActReLU):
+    act = staticmethod(F.silu)
+
+
+class FrozenBN(nn.Module):
+    """torchvision's FrozenBatchNorm2d: the per-channel affine computed from buffers in forward."""
+
+    def __init__(self, c):
+        super().__init__()
+        for name, value in [("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)]:
+            self.register_buffer(name, torch.full((c,), value))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class Blur(nn.Module):
+    """timm's BlurPool2d: a fixed binomial kernel, a buffer, as the weight of a depthwise conv."""
+
+    def __init__(self, c, stride=2):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (k[:, None] * k[None, :] / 16).expand(c, 1, 3, 3).clone())
+        self.c, self.stride = c, stride
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=self.stride, groups=self.c)
+
+
+class FLinear(nn.Linear):
+    """timm's Linear: an nn.Linear subclass whose forward calls F.linear."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+SPEC_NAMES = {"nn": nn, "BNActReLU": BNActReLU, "BNActSiLU": BNActSiLU, "FrozenBN": FrozenBN, "Blur": Blur,
+              "FLinear": FLinear}
+
 # Ops that are not part of a ReLU network: passes.pathnorm must refuse them, naming them.
 NOT_RELU = {"gelu": "gelu", "tanh": "tanh", "relu6": "relu6", "sigmoid": "sigmoid", "nn.GELU": "GELU",
             "nn.Tanh": "Tanh", "nn.ReLU6": "ReLU6", "nn.LayerNorm": "LayerNorm", "nn.PReLU": "PReLU",
-            "nn.ConvTranspose2d": "ConvTranspose2d", "gate": "sigmoid", "fgate": "sigmoid"}
+            "nn.ConvTranspose2d": "ConvTranspose2d", "gate": "sigmoid", "fgate": "sigmoid", "BNActSiLU": "silu"}
 
 
 def run_op(op, ts, mods):
@@ -81,6 +136,11 @@ def run_op(op, ts, mods):
         return x + a[0]
     if kind == "pad":
         return F.pad(x, (a[0],) * 4, mode=a[1])
+    if kind == "ghost":  # GhostNet: a primary conv, a cheap depthwise conv of it, both concatenated
+        y = mods[a[0]](x)
+        return torch.cat([y, mods[a[1]](y)], 1)
+    if kind == "partial":  # FasterNet's partial conv: a conv on the first channels, the others as they are
+        return torch.cat([mods[a[1]](x[:, :a[0]]), x[:, a[0]:]], 1)
     raise ValueError(kind)
 
 
@@ -88,7 +148,7 @@ class FuzzNet(nn.Module):
     def __init__(self, in_shape, seed, training, specs, plan):
         super().__init__()
         self.in_shape, self.seed, self.specs, self.plan = tuple(in_shape), seed, list(specs), list(plan)
-        self.mods = nn.ModuleList([eval(s, {"nn": nn}) for s in specs])
+        self.mods = nn.ModuleList([eval(s, dict(SPEC_NAMES)) for s in specs])
         lively_init(self, seed, gain=2.0)  # conv/linear weights, BatchNorm statistics and affine
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -98,6 +158,11 @@ class FuzzNet(nn.Module):
                 elif isinstance(m, nn.LayerNorm):
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                elif isinstance(m, FrozenBN):
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
                 elif isinstance(m, nn.ConvTranspose2d):  # not one of lively_init's layers
                     m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
@@ -128,7 +193,8 @@ class FuzzNet(nn.Module):
         """Whether a live step uses ``name``: a step kind, an FNS key, or a module class as 'nn.Class'."""
         steps = self.live_steps()
         mods = {op[2] for op in steps if op[0] == "mod"} | {op[3] for op in steps if op[0] == "learned"} | \
-            {k for op in steps if op[0] in ("gate", "fgate") for k in op[2:]}
+            {k for op in steps if op[0] in ("gate", "fgate", "ghost") for k in op[2:]} | \
+            {op[3] for op in steps if op[0] == "partial"}
         return any(name in op for op in steps) or any(self.specs[k].startswith(name + "(") for k in mods)
 
     def features(self) -> set[str]:
@@ -144,7 +210,7 @@ class FuzzNet(nn.Module):
                     ("depthwise", m.groups > 1 and m.groups == m.in_channels),
                     ("grouped", 1 < m.groups < m.in_channels), ("dilated", m.dilation != (1, 1)),
                     ("padding_mode", m.padding_mode != "zeros"), ("no-bias", m.bias is None)] if flag}
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
                 out.add("train" if self.training else "eval-bn")
         return out
 
@@ -169,7 +235,7 @@ class _Builder:
         return tuple(self.vals[i].shape[1:])
 
     def push(self, op, specs=()):
-        mods = self.mods + [eval(s, {"nn": nn}) for s in specs]
+        mods = self.mods + [eval(s, dict(SPEC_NAMES)) for s in specs]
         try:
             with torch.no_grad():
                 out = run_op(op, self.vals, [m.eval() for m in mods])
@@ -198,7 +264,7 @@ class _Builder:
 # Step kinds, repeated by weight.
 SPATIAL = ["conv"] * 5 + ["act"] * 4 + ["shared", "pool", "bn", "add", "learned", "inplace"] * 2 + [
     "norm", "cat", "slice", "chunk", "split", "gate", "scale", "shift", "pad", "up", "flatten", "gap", "pointwise",
-    "reduce", "deconv"]
+    "reduce", "deconv", "bnact", "frozen", "blur", "ghost", "partial"]
 FLAT = ["linear"] * 3 + ["act"] * 3 + ["shared", "bn"] * 2 + ["norm", "add", "cat", "slice", "chunk", "fgate",
                                                               "scale", "inplace"]
 RELU_LIKE = ["fn:relu", "fn:relu_method", "fn:leaky", "nn.ReLU()", "nn.LeakyReLU(0.2)", "nn.PReLU()", "prelu_c",
@@ -280,6 +346,19 @@ def _spatial_step(b, op, i):
         return b.push(("pw", i, b.new()), [f"nn.Linear({c}, {d(st.integers(1, 6))}, {d(st.booleans())})"])
     if op == "reduce":
         return b.push(("fn", i, d(st.sampled_from(["mean", "amax", "chsum"]))))
+    if op == "bnact":
+        return b.push(("mod", i, b.new()), [f"{d(st.sampled_from(['BNActReLU', 'BNActSiLU']))}({c})"])
+    if op == "frozen":
+        return b.push(("mod", i, b.new()), [f"FrozenBN({c})"])
+    if op == "blur":
+        return h >= 2 and w >= 2 and b.push(("mod", i, b.new()), [f"Blur({c}, {d(st.sampled_from([1, 2]))})"])
+    if op == "ghost":
+        m = d(st.integers(1, 4))
+        return b.push(("ghost", i, b.new(), b.new(1)), [f"nn.Conv2d({c}, {m}, 1)", f"nn.Conv2d({m}, {m}, 3, 1, 1, "
+                                                                                    f"groups={m})"])
+    if op == "partial":
+        k = d(st.integers(1, c))
+        return b.push(("partial", i, k, b.new()), [f"nn.Conv2d({k}, {k}, 3, 1, 1, bias=False)"])
     if op == "deconv":
         return b.push(("mod", i, b.new()), [f"nn.ConvTranspose2d({c}, {d(st.integers(1, 4))}, 2, 2)"])
     return _channel_step(b, op, i, c)
@@ -381,7 +460,10 @@ def fuzz_nets(draw, max_steps: int = 10, pbn: bool = False):
     elif head != "none" and len(b.shape(last)) == 3:
         b.push(("fn", last, "flatten"))
     if head != "none":
-        b.push(("mod", len(b.vals) - 1, b.new()), [f"nn.Linear({b.shape(len(b.vals) - 1)[0]}, 3)"])
+        fc = draw(st.sampled_from(["nn.Linear", "nn.Linear", "FLinear"]))
+        b.push(("mod", len(b.vals) - 1, b.new()), [f"{fc}({b.shape(len(b.vals) - 1)[0]}, 3)"])
     has_bn = any("BatchNorm" in s for s in b.specs)
-    training = has_bn and draw(st.booleans())  # the mode only matters for BatchNorm
+    # the mode only matters for BatchNorm; a traced F.batch_norm keeps the mode it was traced in, so a
+    # net with a fused norm-activation is drawn in eval mode only
+    training = has_bn and not any(s.startswith("BNAct") for s in b.specs) and draw(st.booleans())
     return FuzzNet(in_shape, draw(st.integers(0, 2 ** 16)), training, b.specs, b.plan)

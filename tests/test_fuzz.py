@@ -1,7 +1,8 @@
 """Property-based fuzzing over random small DAG models (tests/fuzz_models.py), in float64.
 
 Each property runs twice: a fixed-seed run with a small budget (the default suite) and a
-`slow`-marked run with ten times the examples and fresh random draws (`pytest -m slow`).
+`slow`-marked run with ten times the examples (the soundness property: 10,000 models) and fresh
+random draws (`pytest -m slow`).
 A failing example is printed as the ``FuzzNet(...)`` code that rebuilds it.
 """
 from __future__ import annotations
@@ -34,13 +35,14 @@ settings.register_profile("fuzz-slow", settings.get_profile("fuzz"), derandomize
 SLOW = 10  # the slow profile's examples per default example
 
 
-def fuzz(max_examples, strategy=None):
+def fuzz(max_examples, strategy=None, slow_examples=None):
     """(default test, slow test) of one property body."""
     strategy = strategy if strategy is not None else fuzz_nets()
 
     def make(body):
         fast = settings(settings.get_profile("fuzz"), max_examples=max_examples)(given(strategy)(body))
-        slow = settings(settings.get_profile("fuzz-slow"), max_examples=max_examples * SLOW)(given(strategy)(body))
+        slow = settings(settings.get_profile("fuzz-slow"), max_examples=slow_examples or max_examples * SLOW)(
+            given(strategy)(body))
         return fast, pytest.mark.slow(slow)
     return make
 
@@ -70,7 +72,7 @@ def _soundness(net):
         assert rel <= 1e-10, (rel, str(gt))
 
 
-test_soundness, test_soundness_slow = fuzz(300)(_soundness)
+test_soundness, test_soundness_slow = fuzz(300, slow_examples=10_000)(_soundness)
 
 
 # -- (b), (c) transform verifies in both modes and keeps the ℓ1 path-norm ------------------------
@@ -229,6 +231,7 @@ def test_strategy_coverage_and_printed_code():
                 "maxpool nn.MaxPool2d", "avgpool nn.AvgPool2d", "nn.AdaptiveMaxPool2d nn.AdaptiveAvgPool2d",
                 "gap mean amax", "nn.BatchNorm2d nn.BatchNorm1d", "train", "eval-bn", "add sub", "learned", "cat",
                 "slice chunk split", "gate fgate", "flatten view nn.Flatten", "scale div neg", "shift", "pad",
-                "nearest bilinear", "relu_ relu_inplace iadd", "pw"]
+                "nearest bilinear", "relu_ relu_inplace iadd", "pw", "BNActReLU", "BNActSiLU", "FrozenBN", "Blur",
+                "FLinear", "ghost", "partial"]
     missing = [r for r in required if not features & set(r.split())]
     assert not missing, missing

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 import pathfx
 from passes import rules
+from fuzz_models import BNActReLU, FrozenBN
 from passes.soundness import check_soundness
+from zoo.timm import timm
+
+timm_layers = timm().layers
+BatchNormAct2d = timm_layers.BatchNormAct2d
 
 C = 4
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -197,7 +202,34 @@ CASES = [
     ({"method:mean"}, Fn(lambda h: h.mean((2, 3))), Fn(lambda h: h.mean(1)), 2),
     ({"method:sum"}, Fn(lambda h: h.sum(3)), Fn(lambda h: h.sum(1)), 2),
     ({"method:amax"}, Fn(lambda h: h.amax(3)), Fn(lambda h: h.amax(1)), 2),
+    # an eval-mode functional BatchNorm becomes a BatchNorm module (an affine here, after a ReLU); one
+    # that normalises by the batch's statistics does not
+    ({F.batch_norm}, BNActReLU(C), BNActReLU(C, track_running_stats=False), 2),
 ]
+
+# timm's blocks, traced through into the ops above: (name, block, its non-homogeneous lookalike, dims)
+TIMM_CASES = [
+    ("BatchNormAct2d", lambda: BatchNormAct2d(C), lambda: BatchNormAct2d(C, track_running_stats=False), 2),
+    ("DropPath", lambda: timm_layers.DropPath(0.3), lambda: timm_layers.Swish(), 2),
+    ("Dropout-eval", lambda: nn.Dropout(0.3), lambda: timm_layers.HardSwish(), 2),
+    ("timm-PReLU", lambda: timm_layers.PReLU(C), lambda: timm_layers.GELUTanh(), 2),
+    ("SEModule", lambda: timm_layers.SEModule(C, rd_channels=2), lambda: timm_layers.EcaModule(C, kernel_size=3), 2),
+    ("SqueezeExcite", lambda: timm_layers.SqueezeExcite(C, rd_ratio=0.5),
+     lambda: timm_layers.CecaModule(C, kernel_size=3), 2),
+    ("BlurPool2d", lambda: timm_layers.BlurPool2d(C, filt_size=3, stride=1), lambda: FixedMix(), 2),
+    ("FrozenBatchNorm2d", lambda: FrozenBN(C), lambda: timm_layers.GroupNorm1(C), 2),
+]
+
+
+class FixedMix(nn.Module):
+    """A blur-like fixed filter, but one that mixes channels: not a channel-wise map."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("filt", torch.full((C, C, 3, 3), 1 / (9 * C)))
+
+    def forward(self, h):
+        return F.conv2d(h, self.filt.to(h.dtype), padding=1)
 
 
 def _name(key) -> str:
@@ -219,6 +251,16 @@ def test_rule_and_its_mutant(case):
     mutated, _ = analyse(mutant, dims)
     assert free_of_a(mutated) == 0, f"lookalike of {keys} left channels free:\n{mutated}"
     assert mutated.frozen and any("a.weight" in f.layers for f in mutated.frozen)
+
+
+@pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
+def test_timm_block_and_its_mutant(case):
+    _, block, mutant, dims = case
+    groups, x = analyse(block(), dims)
+    assert free_of_a(groups) == C, groups
+    assert check_soundness(groups, x, reinit=True).ok
+    mutated, _ = analyse(mutant(), dims)
+    assert free_of_a(mutated) == 0, f"lookalike of {case[0]} left channels free:\n{mutated}"
 
 
 def _passthrough_keys():

@@ -1,4 +1,5 @@
-"""Model names: torchvision's classification models, the zoo's own builders, ``package.module:factory``."""
+"""Model names: torchvision's classification models, the zoo's own builders, ``timm:NAME``,
+``package.module:factory``."""
 from __future__ import annotations
 
 import difflib
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 from passes.errors import ModelNotFound
 
-from . import typec
+from . import timm, typec
 from ._torchvision import torchvision
 
 
@@ -22,7 +23,7 @@ class Entry:
     name: str
     build: Callable[..., nn.Module]
     input_shape: tuple
-    source: str  # "torchvision" | "zoo"
+    source: str  # "torchvision" | "zoo" | "timm" | "factory"
 
 
 ZOO: dict[str, Entry] = {}
@@ -56,6 +57,9 @@ def lookup(name: str) -> Entry:
         name = name[4:]
     if name in ZOO:
         return ZOO[name]
+    if name.startswith(timm.PREFIX):
+        bare = name[len(timm.PREFIX):]
+        return Entry(name, timm.builder(bare), timm.input_shape(bare), "timm")
     if ":" in name:
         return _factory(name)
     names = torchvision_names()
@@ -65,7 +69,7 @@ def lookup(name: str) -> Entry:
         return Entry(name, build, _TV_SHAPES.get(name, (1, 3, 224, 224)), "torchvision")
     close = difflib.get_close_matches(name, names + sorted(ZOO), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
-    raise ModelNotFound(f"unknown model '{name}'{hint} (see `pathfx zoo --list`)")
+    raise ModelNotFound(f"unknown model '{name}'{hint} (see `pathfx zoo --list`; timm's models are timm:NAME)")
 
 
 def _factory(spec: str) -> Entry:
@@ -110,6 +114,8 @@ def build(name: str, **kw) -> nn.Module:
 def default_input_shape(model: nn.Module) -> tuple | None:
     """The default example-input shape of a model instance built by torchvision or the zoo, else None."""
     cls = type(model)
+    if cls.__module__.startswith("timm.models") and hasattr(model, "pretrained_cfg"):
+        return (1,) + tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     if cls.__module__.startswith("torchvision.models"):
         return _TV_SHAPES["inception_v3"] if cls.__name__ == "Inception3" else (1, 3, 224, 224)
     for entry in ZOO.values():

@@ -17,7 +17,8 @@ __all__ = ["add_model_arguments", "parse_shape", "load_model", "write_atomic", "
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("model", help="torchvision classification model name, zoo name, package.module:factory or path/to/file.py:factory")
+    p.add_argument("model", help="torchvision classification model name, zoo name, timm:NAME, package.module:factory or "
+                                     "path/to/file.py:factory")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the example input")
 
