@@ -35,7 +35,7 @@ def fold(path_model: fx.GraphModule, fold_batchnorm: bool = True) -> fx.GraphMod
             new = _plain(mod.layer.base, *mod.folded())
             pbn.append(name)
         elif isinstance(mod, PathLayer):
-            new = _plain(mod.base, mod.weight, mod.bias)
+            new = _plain(mod.base, mod.effective_weight(), mod.effective_bias())
         else:
             continue
         gm.set_submodule(name, new)

@@ -113,7 +113,7 @@ def _foldable(bn: nn.Module, layer: nn.Module | None) -> bool:
 
 
 def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = False,
-            absorbed=(), lazy: bool = False) -> tuple[fx.GraphModule, FoldReport]:
+            absorbed=(), lazy: bool = False, keep=()) -> tuple[fx.GraphModule, FoldReport]:
     """Fold eval-mode BatchNorms of ``gm`` (a copy unless ``inplace``).
 
     Even in place, no module object is mutated: folded layers and affines are new modules
@@ -124,7 +124,8 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
     ``absorbed``: layers that carry a BatchNorm already (a P-BN folded back): a BN after one is an
     affine, as it was when the model was first folded. ``lazy``: the folded layers keep their
     unscaled weights until ``report.materialize()`` (an analysis that reads only the graph and the
-    shapes then never writes a second copy of the conv weights).
+    shapes then never writes a second copy of the conv weights). ``keep``: BatchNorm module names
+    left as they are (the one after the classifier that an ENorm plan trains with).
     """
     from .functional import modularize
 
@@ -142,7 +143,7 @@ def fold_bn(gm: fx.GraphModule, inplace: bool = False, reuse_layers: bool = Fals
         if node.op != "call_module":
             continue
         bn = modules[node.target]
-        if type(bn) not in BATCHNORMS or bn.running_mean is None or calls[node.target] != 1:
+        if type(bn) not in BATCHNORMS or bn.running_mean is None or calls[node.target] != 1 or node.target in keep:
             continue
         src = node.args[0]
         layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None

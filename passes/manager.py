@@ -54,6 +54,7 @@ class PipelineState:
     enorm_report: object = None  # passes.enorm.ENormReport: gm is then the balanced module
     reparam_report: object = None  # passes.pathmodel.ReparamReport: gm is then the path model
     pbn_layers: list | None = None  # (layer, BatchNorm) pairs fused into P-BN
+    final_bn: str | None = None  # the BatchNorm after the classifier: "kept", "added", or why none
     timings: dict[str, float] = field(default_factory=dict)  # pass name -> wall seconds, in run order
     outputs: dict = field(default_factory=dict)  # values of passes outside this table (a user's own)
 
@@ -248,12 +249,14 @@ def _shapes_pass(state: PipelineState) -> PipelineState:
     return state
 
 
-def _fold_bn(state: PipelineState, *, reuse_layers=False, keep_unfolded=False, lazy_weights=False) -> PipelineState:
+def _fold_bn(state: PipelineState, *, reuse_layers=False, keep_unfolded=False, lazy_weights=False,
+             final_bn=False) -> PipelineState:
     """``keep_unfolded``: fold a second graph over the same leaves and keep the unfolded trace as
     ``traced`` (the path model is built on it). ``reuse_layers``: rewrite a layer that feeds only
     its BN in place (the pipeline's own copy: a large model then never holds two copies of its
     conv weights). ``lazy_weights``: write the folded weights only when the groups' ``source`` is
-    first read (``find_groups``: most callers read only the groups)."""
+    first read (``find_groups``: most callers read only the groups). ``final_bn``: a BatchNorm after the
+    classifier is not folded (the ENorm plan trains with it: passes/final_bn.py)."""
     from .fold_bn import fold_bn
     from .functional import modularize
 
@@ -266,8 +269,11 @@ def _fold_bn(state: PipelineState, *, reuse_layers=False, keep_unfolded=False, l
         state.traced = gm
         gm = fx.GraphModule(gm, copy_module.deepcopy(gm.graph), type(gm).__name__)
         gm.training = state.traced.training
+    from .final_bn import final_bn_name
+
+    keep = [final_bn_name(gm)] if final_bn and final_bn_name(gm) else []
     state.gm, state.fold_report = fold_bn(gm, inplace=True, reuse_layers=reuse_layers and not keep_unfolded,
-                                          lazy=lazy_weights)
+                                          lazy=lazy_weights, keep=keep)
     return state
 
 
@@ -285,6 +291,14 @@ def _enorm(state: PipelineState, *, p=2, c=1.0, cycles=None, tol=1e-6, select=No
 
     state.enorm_report = balance(state.gm, state.groups, p=p, c=c, cycles=cycles, tol=tol, select=select,
                                  max_cycles=max_cycles)
+    return state
+
+
+def _final_bn(state: PipelineState, *, final_bn=False) -> PipelineState:
+    """With ``final_bn``: the balanced model keeps, or gets, one BatchNorm after the classifier."""
+    from .final_bn import add_final_bn
+
+    state.final_bn = add_final_bn(state.gm) if final_bn else None
     return state
 
 
@@ -313,6 +327,8 @@ PASSES: dict[str, Pass] = {p.name: p for p in [
     Pass("fold_bn", _fold_bn, ("gm",), ("gm", "fold_report", "traced"), "fold eval-mode BatchNorms"),
     Pass("groups", _groups, ("gm", "shapes"), ("groups",), "rescaling-group discovery"),
     Pass("enorm", _enorm, ("gm", "groups"), ("gm", "enorm_report"), "Equi-normalization in place", writes=True),
+    Pass("final_bn", _final_bn, ("gm",), ("gm", "final_bn"), "one BatchNorm after the classifier (ENorm §6.2–6.3)",
+         writes=True),
     Pass("reparam", _reparam, ("traced", "groups", "fold_report"), ("gm", "reparam_report", "traced"),
          "path reparameterization of the unfolded trace (PathLayers, BatchNorms re-set)", writes=True),
     Pass("pbn", _pbn, ("gm", "reparam_report", "fold_report"), ("gm", "reparam_report", "pbn_layers"),
@@ -322,7 +338,7 @@ PASSES: dict[str, Pass] = {p.name: p for p in [
 PIPELINES: dict[str, list[str]] = {
     "prepare": ["trace", "shapes", "fold_bn"],
     "analyze": ["trace", "shapes", "fold_bn", "groups"],
-    "balance": ["trace", "shapes", "fold_bn", "groups", "enorm"],
+    "balance": ["trace", "shapes", "fold_bn", "groups", "enorm", "final_bn"],
     "path": ["trace", "shapes", "fold_bn", "groups", "reparam", "pbn"],
 }
 

@@ -70,19 +70,12 @@ class ReparamReport:
 
 
 @torch.no_grad()
-def _set_bn(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, name: str) -> None:
-    """Make ``bn``'s eval map x ↦ scale·x + shift exactly (running mean 0, running var 1)."""
-    if isinstance(bn, ChannelAffine):  # a frozen BatchNorm's affine: the map itself
-        bn.weight.copy_(scale)
-        bn.bias.copy_(shift)
-        return
-    if bn.weight is None or bn.running_var is None:
-        raise InputError(f"BatchNorm '{name}' has no affine parameters or running statistics: "
-                         "it cannot carry a reparameterized layer's scale")
-    bn.running_mean.zero_()
-    bn.running_var.fill_(1.0)
-    bn.weight.copy_(scale * math.sqrt(1.0 + bn.eps))
-    bn.bias.copy_(shift)
+def bn_scale(bn: nn.Module) -> torch.Tensor:
+    """The per-channel scale of an eval-mode BatchNorm (or of the affine a frozen one became), float64."""
+    if isinstance(bn, ChannelAffine):
+        return bn.weight.detach().double()
+    a = torch.rsqrt(bn.running_var.double() + bn.eps)
+    return a * bn.weight.detach().double() if bn.weight is not None else a
 
 
 def _slots(solver, plan, weight: str, shape, groups: int):
@@ -161,22 +154,23 @@ def build(gm: fx.GraphModule, groups: RescalingGroups, fold_report: FoldReport, 
             red = torch.zeros_like(u)
             if weight in reds_of:
                 red[reds_of[weight]] = u[reds_of[weight]]
-            base = copy.deepcopy(old, {id(old.weight): None})  # the weight is replaced by V: not copied
-            bias = rparams.get(f"{name}.bias")
-            if name in bn_after:
-                base.bias = None
-                _set_bn(modules[bn_after[name]], torch.ones_like(bias), bias.to(dtype), bn_after[name])
+            # the weight is replaced by V (not copied); the bias stays in the network's units
+            base = copy.deepcopy(old, {id(old.weight): None})
+            out_scale = solver.row_factors(plan, weight, u.shape[0])
+            if name in bn_after:  # the BatchNorm folded into u stays a module of its own, as it was
+                a = bn_scale(modules[bn_after[name]])
+                # a channel the BatchNorm zeroes (γ = 0) has zero rows in u: its rows keep the folded units
+                out_scale = out_scale * torch.where(a != 0, a, torch.ones_like(a))
                 report.bn_layers.append(bn_after[name])
-            elif bias is not None:
-                base.bias = nn.Parameter(bias.detach().to(dtype).clone())
+            in_scale = solver.column_factors(plan, weight, u.shape[1] * getattr(old, "groups", 1))
+            if base.bias is not None:  # the layer's own bias, in the path form's units (the BN keeps its shift)
+                base.bias = nn.Parameter(base.bias.detach() * out_scale.to(base.bias))
             v = u * bvals[slot.reshape(slot.shape + (1,) * (u.dim() - slot.dim()))]
-            layer = PathLayer(base, v.to(dtype), red.to(dtype), slot)
+            layer = PathLayer(base, v.to(dtype), red.to(dtype), slot, in_scale=in_scale, out_scale=out_scale)
             paths[name] = layer
             links[name] = sources
             gm.set_submodule(name, layer)
-        for name in sorted(affine_names):
-            _set_bn(modules[name], rparams[f"{name}.weight"].to(dtype), rparams[f"{name}.bias"].to(dtype), name)
-            report.bn_layers.append(name)
+        report.bn_layers += sorted(affine_names)
     for name, sources in links.items():
         paths[name].link([(paths[w.rpartition(".")[0]], idx) for w, idx in sources])
     report.path_layers = list(layer_names)
@@ -195,7 +189,10 @@ def fuse_pbn(gm: fx.GraphModule, report: ReparamReport, fold_report: FoldReport)
     paths = {n: m for n, m in gm.named_modules() if isinstance(m, PathLayer)}
     # the analysis folded each BN into the layer before it: those (layer, BN) pairs are P-BN candidates
     bn_after = {layer: bn for layer, bn in fold_report.folded if bn in report.bn_layers}
-    fused = insert_pbn(gm, paths, bn_after, lam=report.lam)
+    modules = dict(gm.named_modules())
+    # a converted layer's red term keeps the scale the folded BatchNorm gave it; a fresh one has none
+    red_scale = {} if report.init == "paper" else {layer: bn_scale(modules[bn]) for layer, bn in bn_after.items()}
+    fused = insert_pbn(gm, paths, bn_after, lam=report.lam, red_scale=red_scale)
     gm.delete_all_unused_submodules()
     gm.recompile()
     report.pbn = True
@@ -204,12 +201,20 @@ def fuse_pbn(gm: fx.GraphModule, report: ReparamReport, fold_report: FoldReport)
     return fused
 
 
+# pathfx's choice for init="paper" (the papers say only "small random values", pbn §5.2 and D.3): the
+# off-red entries of a layer with red weights are He-normal (std sqrt(2 / fan_in)) times this factor.
+OFFDIAG_SCALE = float(__import__("os").environ.get("PATHFX_OFFDIAG", "0.1"))
+
+
 @torch.no_grad()
 def _paper_init(gm: fx.GraphModule, paths) -> None:
-    """Fresh weights for training from scratch: He normal u, times 0.1 off the red entries of a layer that
-    has them; biases 0; BN γ = 1, β = 0. Entries whose |V| is a downstream basis value get |V| = 1: were
-    they small random values too, the bases would shrink geometrically along the skeleton and the
-    gradients w.r.t. V (∝ 1/b) explode. So every basis value is 1 and u = V at the start.
+    """Fresh weights for training from scratch (pbn §5.2, D.3; Thm 3.1 assumes positive diagonals):
+    every red (diagonal) weight +1, so the red term carries the activation forward unchanged; the other
+    entries of a layer with red weights He-normal times OFFDIAG_SCALE; a layer without red weights
+    (the first) He-normal; biases 0; BN γ = 1, β = 0, fresh statistics. Entries whose |V| is a
+    downstream basis value are +1: were they small random values too, the bases would shrink
+    geometrically along the skeleton and the gradients w.r.t. V (∝ 1/b) explode. So every basis value
+    is 1 and u = V at the start.
     The rescaled model's own weights are no starting point: the scale solve multiplies each layer's
     rows by products of red weights along the path to the output, vanishing in a deep net."""
     sources = {id(layer): torch.zeros(layer.V.numel(), dtype=torch.bool) for layer in paths.values()}
@@ -217,10 +222,13 @@ def _paper_init(gm: fx.GraphModule, paths) -> None:
         for i, src in enumerate(layer.sources):
             sources[id(src)][layer.source_index(i)] = True
     for layer in paths.values():  # graph order: upstream bases are final first
+        layer.in_scale.fill_(1.0)  # fresh weights in fresh units
+        layer.out_scale.fill_(1.0)
+        layer.set_red(layer.red.abs())
         fan_in = layer.red[0].numel()
-        u = torch.randn_like(layer.V) * math.sqrt(2.0 / fan_in) * (0.1 if layer.has_red else 1.0)
+        u = torch.randn_like(layer.V) * math.sqrt(2.0 / fan_in) * (OFFDIAG_SCALE if layer.has_red else 1.0)
         is_source = sources[id(layer)].view_as(u)
-        u = torch.where(is_source, torch.where(u < 0, -1.0, 1.0).to(u.dtype), u)
+        u = torch.where(is_source, torch.ones_like(u), u)
         layer.V.copy_(u * layer.basis()[layer.col_slot] * layer.free)
         if layer.bias is not None:
             layer.bias.zero_()

@@ -7,6 +7,14 @@ forward: plain SGD on V through autograd is then G-SGD — the gradient through 
 extra term of path-bn.txt eq. (7). ``PBN`` is batch normalization in the path space
 (pbn eq. 3–5): z = BN(offdiag(x)) + λ·red(x).
 
+Units. u is the weight of the rescaled network (every red weight ±1); its activations are the
+original ones times products of red weights, 1e-20 and less on a deep plain net, where a BatchNorm's
+statistics and ε would no longer be the original's. So a converted layer keeps the network's own
+units at its boundary: it reads x·s_in and writes its result / s_out, with s_in the rescaling factor
+of each input channel and s_out that of each output channel (times the scale of the BatchNorm folded
+into it, which stays a module of its own): ``effective_weight`` is then the original layer's weight.
+A freshly initialised path model (``init="paper"``) has every scale 1.
+
 Speed. b_k depends only on the input channel k, so conv(x, V/b) = conv(x/b, V): the forward
 divides whichever is smaller, the weight or the activation (at CIFAR resolution the deep
 layers' weights are far larger than their activations). The red entries of a layer usually
@@ -24,20 +32,26 @@ import torch.nn.functional as F
 class PathLayer(nn.Module):
     """A conv/linear layer in path coordinates.
 
-    ``base`` keeps the layer's hyper-parameters and bias (its weight is removed); ``col_slot``
+    ``base`` keeps the layer's hyper-parameters and bias, in the path form's units like u (its
+    weight is removed); ``col_slot``
     maps each (row, column) of the weight (broadcast over rows when the same for all rows) to a
-    slot of the basis vector, slot 0 being the constant 1.
+    slot of the basis vector, slot 0 being the constant 1. ``in_scale`` (per input channel) and
+    ``out_scale`` (per output channel) are the units of the module docstring (default 1).
     """
 
-    def __init__(self, base: nn.Module, v: torch.Tensor, red: torch.Tensor, col_slot: torch.Tensor):
+    def __init__(self, base: nn.Module, v: torch.Tensor, red: torch.Tensor, col_slot: torch.Tensor,
+                 in_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None):
         super().__init__()
         del base.weight
         self.base = base
         self.is_conv = not isinstance(base, nn.Linear)
+        groups = base.groups if self.is_conv else 1
         self.V = nn.Parameter(torch.where(red != 0, torch.zeros_like(v), v))
         self.register_buffer("red", red)
         self.register_buffer("free", (red == 0).to(v.dtype))
         self.register_buffer("col_slot", col_slot.reshape(col_slot.shape + (1,) * (v.dim() - col_slot.dim())))
+        self.register_buffer("in_scale", v.new_ones(red.shape[1] * groups) if in_scale is None else in_scale.to(v))
+        self.register_buffer("out_scale", v.new_ones(red.shape[0]) if out_scale is None else out_scale.to(v))
         self._n_spatial = red.dim() - 2
         self._derive()
         object.__setattr__(self, "_sources", [])
@@ -72,6 +86,21 @@ class PathLayer(nn.Module):
         if self.tap is not None and rows.numel() == c_out and torch.equal(torch.sort(rows).values, arange):
             row_src[rows], row_sign[rows] = cols, self.red_signs
             self._red_mode = "identity" if c_in == c_out and torch.equal(row_src, arange) else "select"
+        # absolute input channel of each (row, column)
+        chan = (torch.arange(red.shape[0], device=dev) // (red.shape[0] // groups) * red.shape[1])[:, None] + \
+            torch.arange(red.shape[1], device=dev)[None, :]
+        # units: s_in of each (row, column) and 1 / s_out of each row, shaped to broadcast over the weight
+        self._scaled = not (bool((self.in_scale == 1).all()) and bool((self.out_scale == 1).all()))
+        shape = (-1,) + (1,) * (red.dim() - 1)
+        col_scale = self.in_scale[chan if groups > 1 else chan[:1]]
+        self.register_buffer("col_scale", col_scale.reshape(col_scale.shape + (1,) * (red.dim() - 2)),
+                             persistent=False)
+        self.register_buffer("row_unit", self.out_scale.reciprocal().reshape(shape), persistent=False)
+        red_values = self.red_signs * self.in_scale[cols] / self.out_scale[rows]  # red entries in the network's units
+        self.register_buffer("red_values", red_values, persistent=False)
+        self.register_buffer("red_net", self.red * self.col_scale * self.row_unit if self._scaled else self.red,
+                             persistent=False)
+        row_sign[rows] = red_values if self._red_mode in ("identity", "select") else row_sign[rows]
         self.register_buffer("row_src", row_src, persistent=False)
         self.register_buffer("row_sign", row_sign, persistent=False)
         # basis slot of each absolute input channel (the slot depends on the channel only)
@@ -80,16 +109,26 @@ class PathLayer(nn.Module):
             chan_slot, self._per_channel = cs[0].clone(), True
         else:
             cs = cs.expand(red.shape[0], red.shape[1])
-            chan = (torch.arange(red.shape[0], device=dev) // (red.shape[0] // groups) * red.shape[1])[:, None] + \
-                torch.arange(red.shape[1], device=dev)[None, :]
             chan_slot = torch.zeros(c_in, dtype=torch.long, device=dev)
             chan_slot[chan.reshape(-1)] = cs.reshape(-1)
             self._per_channel = bool(torch.equal(chan_slot[chan], cs))
         self.register_buffer("chan_slot", chan_slot, persistent=False)
 
+    @torch.no_grad()
+    def set_red(self, red: torch.Tensor) -> None:
+        """New red entries (same positions, e.g. other signs), with the buffers derived from them."""
+        self.red.copy_(red)
+        self._derive()
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._derive()
+
+    def _apply(self, fn, *args, **kwargs):
+        # derived in the new dtype from the converted buffers, as a loaded checkpoint's are: bit for bit
+        out = super()._apply(fn, *args, **kwargs)
+        self._derive()
+        return out
 
     # -- basis values
     def link(self, sources: list[tuple["PathLayer", torch.Tensor]]) -> None:
@@ -123,12 +162,33 @@ class PathLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The path form's weight: u off the red entries, ±1 on them (the rescaled network's units)."""
         w = self.off_weight()
         return w + self.red if self._has_red else w
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight in the network's own units: what a plain layer in this place computes with."""
+        w = self._units(self.off_weight())
+        return w + self.red_net if self._has_red else w
+
+    def _units(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.col_scale * self.row_unit if self._scaled else w
+
+    def step_scale(self) -> torch.Tensor:
+        """Per entry of V: the factor that turns ∂L/∂V into ∂L/∂w of the effective weight w, i.e.
+        b · s_out / s_in (pathfx.optim.PlanSGD scales the step by its square)."""
+        b = self.basis()[self.col_slot]
+        return b / (self.col_scale * self.row_unit) if self._scaled else b
+
     @property
     def bias(self):
+        """The path form's bias (the rescaled network's units, like ``weight``)."""
         return self.base.bias
+
+    def effective_bias(self):
+        """The bias in the network's own units."""
+        b = self.base.bias
+        return b * self.row_unit.reshape(-1) if b is not None and self._scaled else b
 
     @property
     def has_red(self) -> bool:
@@ -143,25 +203,26 @@ class PathLayer(nn.Module):
         return t.reshape((-1,) + (1,) * self._n_spatial) if self.is_conv else t
 
     def _off_parts(self, x, scale_input: bool = True):
-        """(x', w') with layer(x', w') = layer(x, off_weight()): V / b divides the smaller of weight and input."""
+        """(x', w') with layer(x', w') = layer(x, the off-red part of effective_weight()): V / b (and the
+        input units) divide the smaller of weight and input."""
         w = self._masked_v()
-        if not self._sources:
+        if not self._sources and not self._scaled:
             return x, w
-        b = self.basis()
         if scale_input and self._per_channel and x.numel() < w.numel():
-            return x / self._chan(b[self.chan_slot]), w
-        return x, w / b[self.col_slot]
+            c = self.in_scale / self.basis()[self.chan_slot] if self._sources else self.in_scale
+            return x * self._chan(c), w * self.row_unit if self._scaled else w
+        return x, self._units(w / self.basis()[self.col_slot] if self._sources else w)
 
     def forward(self, x):
         if not self._has_red:
-            return self._run(*self._off_parts(x), self.base.bias)
+            return self._run(*self._off_parts(x), self.effective_bias())
         x_off, w = self._off_parts(x, scale_input=self._fast_red())
         if x_off is x:
-            return self._run(x, w + self.red, self.base.bias)
-        return self._add_red(self._run(x_off, w, self.base.bias), x, None)
+            return self._run(x, w + self.red_net, self.effective_bias())
+        return self._add_red(self._run(x_off, w, self.effective_bias()), x, None)
 
     def forward_off(self, x):
-        return self._run(*self._off_parts(x), self.base.bias)
+        return self._run(*self._off_parts(x), self.effective_bias())
 
     def _red_slice(self, x):
         """x at the common red tap, strided like the layer (padding only if the tap reaches into it)."""
@@ -193,7 +254,7 @@ class PathLayer(nn.Module):
         return self._red_mode in ("identity", "select") and self._gather_ok()
 
     def _add_red(self, y, x, lam):
-        """y + lam · red(x) (lam None: 1)."""
+        """y + lam · red(x) (lam None: 1; a scalar or one value per output channel)."""
         if self._fast_red():
             xs = self._red_slice(x)
             if self._red_mode == "select":
@@ -201,44 +262,53 @@ class PathLayer(nn.Module):
             scale = self.row_sign if lam is None else lam * self.row_sign
             return torch.addcmul(y, xs, self._chan(scale))
         red = self.red_term(x)
-        return y + red if lam is None else y + lam * red
+        return y + red if lam is None else y + (self._chan(lam) if lam.dim() else lam) * red
 
     def red_term(self, x):
-        """red(x): the signed channel gather of the red entries, strided like the layer."""
+        """red(x): the signed channel gather of the red entries, strided like the layer (network units)."""
         if not self.is_conv:
             out = x.new_zeros(x.shape[:-1] + (self.red.shape[0],))
-            return out.index_add_(-1, self.red_rows, x[..., self.red_cols] * self.red_signs)
+            return out.index_add_(-1, self.red_rows, x[..., self.red_cols] * self.red_values)
         if not self._gather_ok():
-            return self._run(x, self.red)
+            return self._run(x, self.red_net)
         cdim = -1 - self._n_spatial
         xs = self._red_slice(x).index_select(cdim, self.red_cols)
         out = xs.new_zeros(xs.shape[:cdim] + (self.red.shape[0],) + xs.shape[cdim + 1:])
-        return out.index_add_(cdim, self.red_rows, xs * self._chan(self.red_signs))
+        return out.index_add_(cdim, self.red_rows, xs * self._chan(self.red_values))
 
     def extra_repr(self):
         return f"{type(self.base).__name__}, red={self.red_rows.numel()}, sources={len(self._sources)}"
 
 
 class PBN(nn.Module):
-    """P-BN after a path layer: z = BN(offdiag(x)) + λ·red(x) (the activation follows in the graph)."""
+    """P-BN after a path layer: z = BN(offdiag(x)) + λ·r ⊙ red(x) (the activation follows in the graph).
 
-    def __init__(self, layer: PathLayer, bn: nn.Module, lam: float = 1.0):
+    ``red_scale`` r (one value per channel, default 1) puts the red term in the units of the BN's
+    output: for a converted model, the scale of the BatchNorm that was folded into the layer, which
+    the original applied to the red weight's contribution as to every other.
+    """
+
+    def __init__(self, layer: PathLayer, bn: nn.Module, lam: float = 1.0, red_scale: torch.Tensor | None = None):
         super().__init__()
         self.layer = layer
         self.bn = bn
         self.register_buffer("lam", torch.tensor(float(lam), dtype=layer.V.dtype))
+        c = layer.red.shape[0]
+        self.register_buffer("red_scale", layer.V.new_ones(c) if red_scale is None else red_scale.to(layer.V))
 
     def forward(self, x):
-        return self.layer._add_red(self.bn(self.layer.forward_off(x)), x, self.lam)
+        return self.layer._add_red(self.bn(self.layer.forward_off(x)), x, self.lam * self.red_scale)
 
     @torch.no_grad()
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the one plain layer equal to this P-BN in eval mode."""
-        bn, w_off = self.bn, self.layer.off_weight()
+        bn, layer = self.bn, self.layer
+        w_off = layer._units(layer.off_weight())
         a = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             a = a * bn.weight
-        bias = self.layer.bias if self.layer.bias is not None else torch.zeros_like(a)
+        bias = layer.effective_bias() if layer.bias is not None else torch.zeros_like(a)
         shift = (bias - bn.running_mean) * a + (bn.bias if bn.bias is not None else 0)
-        w = w_off * a.reshape((-1,) + (1,) * (w_off.dim() - 1)) + self.lam * self.layer.red
+        shape = (-1,) + (1,) * (w_off.dim() - 1)
+        w = w_off * a.reshape(shape) + (self.lam * self.red_scale).reshape(shape) * layer.red_net
         return w, shift

@@ -15,8 +15,10 @@ import torch.fx as fx
 from .pathnn import PBN
 
 
-def insert_pbn(gm: fx.GraphModule, paths: dict, bn_after: dict[str, str], lam: float = 1.0) -> list[tuple[str, str]]:
-    """In place: fuse each (path layer with red weights, its BN) into a P-BN; returns the fused (layer, bn) pairs."""
+def insert_pbn(gm: fx.GraphModule, paths: dict, bn_after: dict[str, str], lam: float = 1.0,
+               red_scale: dict | None = None) -> list[tuple[str, str]]:
+    """In place: fuse each (path layer with red weights, its BN) into a P-BN; returns the fused (layer, bn)
+    pairs. ``red_scale``: per layer, the scale of its red term (passes.pathnn.PBN)."""
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     modules = dict(gm.named_modules())
     fused = []
@@ -26,7 +28,7 @@ def insert_pbn(gm: fx.GraphModule, paths: dict, bn_after: dict[str, str], lam: f
         bn_name = bn_after[name]
         nodes[bn_name].replace_all_uses_with(nodes[name])
         gm.graph.erase_node(nodes[bn_name])
-        gm.set_submodule(name, PBN(layer, modules[bn_name], lam=lam))
+        gm.set_submodule(name, PBN(layer, modules[bn_name], lam=lam, red_scale=(red_scale or {}).get(name)))
         fused.append((name, bn_name))
     gm.graph.lint()
     gm.recompile()

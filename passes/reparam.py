@@ -186,6 +186,24 @@ class _Solver:
             return 1.0
         return float(plan.factors[gid][out_vars[row]])
 
+    def row_factors(self, plan, weight, rows: int) -> torch.Tensor:
+        """The rescaling factor of each output channel of ``weight`` (1 outside the selected groups)."""
+        gid, out_vars = self.prod.get(weight, (None, None))
+        out = torch.ones(rows, dtype=torch.float64)
+        if gid in plan.factors:
+            v = torch.as_tensor(out_vars)
+            out[v >= 0] = torch.as_tensor(plan.factors[gid], dtype=torch.float64)[v[v >= 0]]
+        return out
+
+    def column_factors(self, plan, weight, channels: int) -> torch.Tensor:
+        """The rescaling factor of each input channel (feature) of ``weight``."""
+        out = torch.ones(channels, dtype=torch.float64)
+        for gid, c in self.cons.get(weight, []):
+            if gid in plan.factors:
+                v = torch.as_tensor(c.in_vars)
+                out[v >= 0] = torch.as_tensor(plan.factors[gid], dtype=torch.float64)[v[v >= 0]]
+        return out
+
     # -- basis values on the reparameterized weights
     def column_var(self, weight, ch) -> tuple[int, int] | None:
         for gid, c in self.cons.get(weight, []):

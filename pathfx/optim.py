@@ -146,14 +146,46 @@ class ENorm:
 
 class PlanSGD(torch.optim.SGD):
     """SGD whose ``step()`` ends with the plan's step hook: for an ENorm plan, ``hook`` is the
-    ``ENorm`` cycle (built from ``enorm``: model, example_inputs, p, c, every), else None."""
+    ``ENorm`` cycle (built from ``enorm``: model, example_inputs, p, c, every), else None.
+
+    ``path_layers``: the PathLayers whose path values V take the *basis-scaled* G-SGD step
+    Δv = −lr · k² · (∂L/∂v + wd · v), k = b · s_out / s_in with b the basis value of v's column and
+    s_out, s_in the layer's units (``PathLayer.step_scale``). With every basis value and unit 1 — the
+    papers' initialisation — this is G-SGD exactly. On a converted model the basis values are
+    products of weights along skeleton paths (1e-30 and less on a deep plain net) and ∂L/∂v =
+    ∂L/∂w / k for the layer's effective weight w = v / k, so G-SGD's step on w is lr / k² times
+    SGD's and explodes; scaled by k², it is SGD's step on w, lr · ∂L/∂w, whatever the bases: the
+    converted model trains in its own units, its red weights held.
+    """
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, enorm: dict | None = None):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+                 nesterov: bool = False, enorm: dict | None = None, path_layers=()):
+        self.path_layers = list(path_layers)
+        scaled = {id(layer.V) for layer in self.path_layers} | \
+            {id(layer.bias) for layer in self.path_layers if layer.bias is not None}
+        params = list(params)
+        # the path values' weight decay is applied in step(), scaled with their gradient
+        groups = [{"params": [p for p in params if id(p) not in scaled]},
+                  {"params": [p for p in params if id(p) in scaled], "weight_decay": 0.0}]
+        self.path_decay = weight_decay
+        super().__init__([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         nesterov=nesterov)
         self.hook = None if enorm is None else ENorm(optimizer=self, **enorm)
 
     def step(self, closure=None):
+        with torch.no_grad():
+            for layer in self.path_layers:
+                g = layer.V.grad
+                if g is not None:
+                    if self.path_decay:
+                        g.add_(layer.V, alpha=self.path_decay)
+                    k = layer.step_scale()
+                    g.mul_(k).mul_(k)  # in two products: k² alone underflows float32 where k is 1e-20
+                b = layer.bias
+                if b is not None and b.grad is not None:  # the bias too steps in the network's units
+                    if self.path_decay:
+                        b.grad.add_(b, alpha=self.path_decay)
+                    b.grad.mul_(layer.out_scale).mul_(layer.out_scale)
         loss = super().step(closure)
         if self.hook is not None:
             self.hook.step()

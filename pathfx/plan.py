@@ -18,6 +18,7 @@ import torch.nn as nn
 from passes.errors import PathfxError
 from passes.groupset import RescalingGroups
 
+from .nn import PathLayer
 from .optim import PlanSGD, unwrap
 
 KINDS = ("enorm", "gsgd", "sgd")
@@ -73,6 +74,10 @@ class Plan:
     enorm: dict | None = None
     signature: dict = field(default_factory=dict)  # {"params": {name: shape}} of the model it was made for
     sources: list[str] = field(default_factory=list)
+    # "sgd": SGD on the model's parameters (for a path model: G-SGD on its path values); "basis-scaled":
+    # G-SGD with each path value's step scaled by its basis value squared (pathfx.optim.PlanSGD)
+    step: str = "sgd"
+    final_bn: str = ""  # ENorm plans of convolutional nets: the BatchNorm after the classifier, "kept" or "added"
 
     # -- data ---------------------------------------------------------------------------------
     def to_json(self, **kw) -> str:
@@ -95,6 +100,11 @@ class Plan:
         if self.enorm:
             head += f"\n  after each step: one ENorm cycle every {self.enorm['every']} step(s), p={self.enorm['p']}, " \
                     f"c={self.enorm['c']}, momentum buffers rescaled"
+        if self.final_bn:
+            head += f"\n  one BatchNorm after the classifier ({self.final_bn}; enorm-iclr2019 §6.2–6.3)"
+        if self.step == "basis-scaled":
+            head += "\n  step: G-SGD with each path value's step scaled by its basis value squared (the bases of a " \
+                    "converted model are products of weights: plain G-SGD would explode)"
         width = sum(a["width"] for a in self.acts_on)
         rows = [[len(self.acts_on), width, len(self.weight_space)]]
         out = [head, table(["groups acted on", "variables", "left in weight space"], rows)]
@@ -136,8 +146,10 @@ class Plan:
             x = example_inputs if example_inputs is not None else torch.randn(*self.input_shape)
             enorm = {"model": model, "example_inputs": x, "p": self.enorm["p"], "c": self.enorm["c"],
                      "every": self.enorm["every"]}
+        path_layers = [m for m in unwrap(model).modules() if isinstance(m, PathLayer)] \
+            if self.step == "basis-scaled" else []
         return PlanSGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
-                       nesterov=s["nesterov"], enorm=enorm)
+                       nesterov=s["nesterov"], enorm=enorm, path_layers=path_layers)
 
     def after_step(self) -> None:
         """Nothing left to do: the plan's optimizer runs its step hook (the ENorm cycle) inside its own
@@ -172,7 +184,7 @@ def acts_on(groups: RescalingGroups, ids=None) -> list[dict]:
 
 
 def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups | None, input_shape, weight_space=(),
-              acting=None, name: str = "") -> Plan:
+              acting=None, name: str = "", step: str = "sgd", final_bn: str = "") -> Plan:
     """The plan of ``kind`` for a transformed ``model`` whose analysis gave ``groups`` (None for the
     ``sgd`` baseline, which acts on no group); ``acting`` as ``acts_on`` gives it (default: every group)."""
     if kind not in KINDS:
@@ -185,4 +197,4 @@ def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups | 
                 acts_on=acting, weight_space=list(weight_space), optimizer_settings=dict(d["optimizer"]),
                 schedule=dict(d["schedule"]), enorm=dict(d["enorm"]) if "enorm" in d else None,
                 signature={"params": {n: list(p.shape) for n, p in model.named_parameters()}},
-                sources=list(d["sources"]))
+                sources=list(d["sources"]), step=step, final_bn=final_bn)

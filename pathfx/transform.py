@@ -139,6 +139,8 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     if mode == "path":  # the float64 copy is reparameterized for the dtype the result is handed back in
         pass_options.setdefault("value_dtype", dtype)
     pass_options.setdefault("name", name or type(model).__name__)
+    if mode == "balance" and kind == "enorm":  # ENorm §6.2–6.3: convolutional nets train with one BN after the classifier
+        pass_options.setdefault("final_bn", any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()))
     del model
     state = run_pipeline(mode, work, args, copy=False, **pass_options).state
     del work
@@ -158,7 +160,10 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
         _check_cast(gm, ref, dtype, mode)
     weight_space = _weight_space(mode, groups, report)
     chosen = acts_on(groups, report.reparameterized_groups) if mode == "path" and report is not None else None
-    made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, chosen, groups.model_name)
+    # a converted model's bases are products of its weights: a plan for its path values scales each step by them
+    step = "basis-scaled" if mode == "path" and pass_options.get("init", "preserve") == "preserve" else "sgd"
+    made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, chosen, groups.model_name, step,
+                     final_bn=state.final_bn or "")
     return TransformResult(model=gm, groups=groups, plan=made, verification=verification,
                            timings=dict(state.timings), mode=mode, report=report,
                            param_map=_param_map(names, gm, state.pbn_layers or ()))

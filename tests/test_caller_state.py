@@ -163,23 +163,26 @@ def out(model, x):
 
 
 def test_balance_param_map_round_trip():
-    """Without BatchNorm the balanced model has the original's parameters, rescaled: the map is the
-    identity, the original's raw weights are a valid (unbalanced) point of the transformed model,
-    and the balanced weights load back into the user's own class as the same function."""
+    """Without BatchNorm the balanced model has the original's parameters, rescaled, and the one
+    BatchNorm its ENorm plan adds after the classifier: the map is the identity on the original's,
+    the original's raw weights are a valid (unbalanced) point of the transformed model, and the
+    balanced weights load back into the user's own class as the same function."""
     torch.manual_seed(0)
     original = lively(Net(bn=False)).double().eval()
     r = pathfx.transform(original, x64(), mode="balance")
     names = [n for n, _ in original.named_parameters()]
-    assert r.param_map == {n: n for n in names} and [n for n, _ in r.model.named_parameters()] == names
+    assert r.plan.final_bn == "added"
+    assert r.param_map == {n: n for n in names}
+    assert [n for n, _ in r.model.named_parameters()] == names + ["final_bn.weight", "final_bn.bias"]
     assert any(not torch.equal(r.model.get_parameter(n), original.get_parameter(n)) for n in names)  # rescaled
 
     unbalanced = copy.deepcopy(r.model)
-    unbalanced.load_state_dict({t: original.state_dict()[o] for t, o in r.param_map.items()})
-    assert torch.equal(out(unbalanced, x64()), out(original, x64()))
+    unbalanced.load_state_dict({t: original.state_dict()[o] for t, o in r.param_map.items()}, strict=False)
+    torch.testing.assert_close(out(unbalanced, x64()), out(original, x64()), rtol=1e-14, atol=0)
 
     back = Net(bn=False).double()
     back.load_state_dict({o: r.model.state_dict()[t] for t, o in r.param_map.items()})
-    assert torch.equal(out(back, x64()), out(r.model, x64()))
+    torch.testing.assert_close(out(back, x64()), out(r.model, x64()), rtol=1e-14, atol=0)
     assert pathfx.verify(back, original, x64()).max_rel <= 1e-10
 
 
@@ -192,7 +195,7 @@ def test_balance_param_map_with_batchnorm_maps_folded_layers():
     r = pathfx.transform(original, x64(), mode="balance")
     bn = {n for n, m in original.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert not {o.rpartition(".")[0] for o in r.param_map.values()} & bn
-    assert set(r.param_map) == {n for n, _ in r.model.named_parameters()}
+    assert set(r.param_map) | {"final_bn.weight", "final_bn.bias"} == {n for n, _ in r.model.named_parameters()}
 
     back = copy.deepcopy(original)
     sd = r.model.state_dict()
@@ -215,7 +218,8 @@ def sequential_cnn(seed=0, bn=True):
 def test_path_param_map_round_trip_through_effective_weights():
     """In path form V has the weight's shape but holds path values, not weights: a checkpoint of the
     original does not load into it. What goes back is each path layer's effective weight (V / b with
-    the red ±1): into the original class it computes the transformed function."""
+    the red ±1) and bias, in the network's units: into the original class they compute the transformed
+    function."""
     original = sequential_cnn(bn=False).double().eval()
     r = pathfx.transform(original, x64(), mode="path")
     layers = {n: m for n, m in r.model.named_modules() if isinstance(m, PathLayer)}
@@ -224,7 +228,9 @@ def test_path_param_map_round_trip_through_effective_weights():
     back_sd = {}
     for t, o in r.param_map.items():
         owner, _, leaf = t.rpartition(".")
-        back_sd[o] = layers[owner].weight.detach() if leaf == "V" else sd[t]
+        layer = layers.get(owner.removesuffix(".base"))
+        back_sd[o] = layer.effective_weight().detach() if leaf == "V" else \
+            layer.effective_bias().detach() if layer is not None and leaf == "bias" else sd[t]
         assert back_sd[o].shape == original.state_dict()[o].shape
     assert set(back_sd) == set(original.state_dict())
     back = sequential_cnn(seed=1, bn=False).double()
