@@ -2,6 +2,9 @@
 
 * ``digits``: scikit-learn's bundled 8×8 handwritten digits (1,797 real images, no download), as
   1×8×8 or resized to any C×H×W (e.g. 3×32×32 for the CIFAR models); a fixed stratified split.
+* ``mnist1d``: MNIST-1D (Greydanus 2020), 10 classes of 1-D signals of 40 samples, generated offline by the
+  ``mnist1d`` package (``make_dataset`` with its default arguments and seed), 4,000 train / 1,000 test;
+  shaped (1, 40) for the 1-D convnets (one channel) or (40,) (flat); the same tensors in every run.
 * ``synthetic``: Gaussian images and uniform labels of any shape and class count (speed tests).
 * ``cifar10``: the python-pickle batches of CIFAR-10 from a local directory; never downloads.
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -24,6 +29,8 @@ from pathfx import InputError, PathfxError
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
 SPLIT_SEED = 0  # the digits split is fixed: results of different runs are comparable
+MNIST1D_LENGTH = 40
+DATASETS = ("digits", "mnist1d", "synthetic", "cifar10")
 
 
 @dataclass
@@ -82,6 +89,34 @@ def digits(shape=(1, 8, 8), test_fraction: float = 0.25, standardize: bool = Tru
     return Data("digits", (xs[0], y[i_train]), (xs[1], y[i_test]), 10)
 
 
+def mnist1d(shape=(1, MNIST1D_LENGTH), standardize: bool = True) -> Data:
+    """MNIST-1D as the ``mnist1d`` package generates it with its defaults (5,000 signals, seed 42; train = the
+    first 80 %, as the package splits), shaped ``shape``: (1, 40) or (40,). Standardized as one channel."""
+    shape = tuple(shape)
+    if shape not in ((1, MNIST1D_LENGTH), (MNIST1D_LENGTH,)):
+        raise InputError(f"mnist1d signals have {MNIST1D_LENGTH} samples: shape (1, {MNIST1D_LENGTH}) for 1-D "
+                         f"convnets or ({MNIST1D_LENGTH},) flat, not {shape}")
+    d = _mnist1d_arrays()
+    xs = [torch.tensor(d[k], dtype=torch.float32).unsqueeze(1) for k in ("x", "x_test")]
+    if standardize:
+        xs = _standardize(*xs)
+    ys = [torch.tensor(d[k], dtype=torch.int64) for k in ("y", "y_test")]
+    return Data("mnist1d", (xs[0].reshape((-1,) + shape), ys[0]), (xs[1].reshape((-1,) + shape), ys[1]), 10)
+
+
+@lru_cache(maxsize=1)
+def _mnist1d_arrays() -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    # make_dataset reseeds numpy's and random's global generators: the caller's draws must not change
+    states = np.random.get_state(), random.getstate()
+    try:
+        return make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(states[0])
+        random.setstate(states[1])
+
+
 def synthetic(shape=(3, 32, 32), num_classes: int = 10, n_train: int = 512, n_test: int = 128,
               seed: int = 0) -> Data:
     """Standard-normal images with uniform random labels; the same seed gives the same tensors."""
@@ -131,16 +166,19 @@ def cifar10(root: str, standardize: bool = True, limit: int | None = None) -> Da
 
 
 def load(name: str, shape=None, root: str | None = None, seed: int = 0, **kw) -> Data:
-    """``digits`` | ``synthetic`` | ``cifar10`` by name; ``shape`` is (C, H, W) for digits and synthetic."""
+    """``digits`` | ``mnist1d`` | ``synthetic`` | ``cifar10`` by name; ``shape`` is (C, H, W) for digits,
+    (1, 40) or (40,) for mnist1d, any for synthetic."""
     if name == "digits":
         return digits(shape or (1, 8, 8), **kw)
+    if name == "mnist1d":
+        return mnist1d(shape or (1, MNIST1D_LENGTH), **kw)
     if name == "synthetic":
         return synthetic(shape or (3, 32, 32), seed=seed, **kw)
     if name == "cifar10":
         if not root:
             raise InputError("cifar10 needs the directory of its python batches (root)")
         return cifar10(root, **kw)
-    raise InputError(f"unknown dataset '{name}': digits, synthetic or cifar10")
+    raise InputError(f"unknown dataset '{name}': {', '.join(DATASETS)}")
 
 
 def sample_batch(shape: tuple, n: int, source: str, seed: int):

@@ -69,7 +69,8 @@ def build_model(name: str, width: int | None = None) -> nn.Module:
 
 
 def default_width(model: str) -> int | None:
-    """The builder's own ``width`` default divided by CPU_WIDTH_DIVISOR; None for builders without one."""
+    """The builder's own ``width`` default divided by CPU_WIDTH_DIVISOR (kept as it is for a builder sized for a
+    CPU already, whose ``hparams`` say ``cpu_sized``); None for builders without one."""
     import inspect
 
     import zoo
@@ -83,6 +84,8 @@ def default_width(model: str) -> int | None:
         param = inspect.signature(cls).parameters.get("width") if isinstance(cls, type) else None
     if param is None or not isinstance(param.default, int):
         return None
+    if getattr(build, "hparams", {}).get("cpu_sized"):
+        return param.default
     return max(1, param.default // CPU_WIDTH_DIVISOR)
 
 
@@ -117,7 +120,7 @@ def train(model_name_or_module, method: str, data, epochs: int, batch_size: int 
           lr: float | None = None, seed: int = 0, width: int | None = None, progress: bool = True, log=None,
           max_steps: int | None = None, augment: bool | None = None, cifar_dir: str | None = None) -> TrainResult:
     """Train with ``method`` (sgd | enorm | gsgd | gsgd-bn) for ``epochs`` epochs on ``data`` (a ``Data`` or a
-    dataset name: digits | synthetic | cifar10, the images shaped as the model's input).
+    dataset name: digits | mnist1d | synthetic | cifar10, the inputs shaped as the model's input).
 
     The plan gives the optimizer, the schedule over all steps, the batch size and the learning rate unless
     ``batch_size`` / ``lr`` override them. ``width`` goes to the zoo builder. ``log(row)`` is called after each

@@ -1,4 +1,4 @@
-"""Datasets: digits (real, bundled), synthetic, CIFAR-10 from a local directory in its python format."""
+"""Datasets: digits (real, bundled), MNIST-1D (generated), synthetic, CIFAR-10 from a local directory."""
 from __future__ import annotations
 
 import pickle
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from passes.errors import PathfxError
+from passes.errors import InputError, PathfxError
 from lab import data
 
 
@@ -33,6 +33,31 @@ def test_digits_upsampled_cifar_shape():
     small = data.digits(standardize=False).train[0]
     # bilinear resizing keeps the mean brightness of each image (4× per axis, no corners cut)
     assert torch.allclose(x[:, 0].mean((1, 2)), small[:, 0].mean((1, 2)), atol=0.02)
+
+
+def test_mnist1d_generated_offline_fixed_and_standardized(monkeypatch):
+    import requests
+
+    def no_network(*a, **k):
+        raise AssertionError("mnist1d must be generated, not downloaded")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    data._mnist1d_arrays.cache_clear()
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    d = data.load("mnist1d")
+    assert np.random.rand() == expected  # the generator's reseeding does not leak into the caller's draws
+    (xtr, ytr), (xte, yte) = d.train, d.test
+    assert xtr.shape == (4000, 1, 40) and xte.shape == (1000, 1, 40) and d.input_shape == (1, 1, 40)
+    assert d.num_classes == 10 and torch.bincount(ytr, minlength=10).min() > 350  # 500 per class in all
+    assert abs(float(xtr.mean())) < 1e-5 and abs(float(xtr.std()) - 1) < 1e-3
+    data._mnist1d_arrays.cache_clear()
+    flat = data.mnist1d((40,))  # generated again: the same signals, flattened
+    assert flat.train[0].shape == (4000, 40) and torch.equal(flat.train[0], xtr.reshape(4000, 40))
+    assert torch.equal(flat.test[1], yte)
+    with pytest.raises(InputError, match="40 samples"):
+        data.load("mnist1d", shape=(3, 32, 32))
 
 
 def test_synthetic_seeded():

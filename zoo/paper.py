@@ -5,8 +5,9 @@
 * the fully connected net of ENorm §6.1 (3072 → 500 × p → 10),
 * the MLP of pbn F.3 (4000 units per hidden layer, BN after every hidden layer).
 
-Every builder's docstring lists the hyper-parameters the paper trained it with; the same
-values are on the builder as ``builder.hparams`` (a dict) for a training harness to read.
+Every builder's docstring lists the initialisation (zoo/recipe.py) and the hyper-parameters the paper
+trained it with; the same values are on the builder as ``builder.hparams`` (a dict) for a training
+harness to read.
 """
 from __future__ import annotations
 
@@ -14,19 +15,8 @@ import torch
 import torch.nn as nn
 
 from .plain import PlainNet
+from .recipe import PBN_CIFAR, hparams, init_by_name, kaiming_init, xavier_init
 from .registry import register
-
-# pbn F.1: CIFAR-10/100, all ResNet/PlainNet runs.
-PBN_CIFAR = dict(batch_size=128, iterations=64_000, lr=0.1, lr_search=(0.1, 0.2, 0.5, 1.0),
-                 lr_milestones=(32_000, 48_000), lr_gamma=0.1, weight_decay=1e-4, momentum=0.0,
-                 pbn_lambda_resnet=0.1, augment="random crop 32 (pad 4) + horizontal flip, pixels in [0, 1]")
-
-
-def _hparams(**hp):
-    def wrap(fn):
-        fn.hparams = hp
-        return fn
-    return wrap
 
 
 # -- ResNet for CIFAR (He et al. 2016, 3×3 stem, no max-pool) ------------------------------------------------
@@ -94,9 +84,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, num_classes)
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)
 
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
@@ -108,6 +96,9 @@ _CIFAR_DOC = """{name} for CIFAR (pbn §5.1; He et al. 2016): 3×3 stem, no max-
     in stages of 64/128/256/512 channels (× ``width``/64), identity shortcuts, a 1×1 projection + BN
     where the shape changes. Input 3×32×32.
 
+    Init: Kaiming (He et al. 2015a, as He et al. 2016): normal, std √(2/fan_in), every conv (shortcuts too)
+    and the classifier; biases 0; BN γ = 1, β = 0.
+
     Paper's training (pbn F.1): batch 128, 64k iterations, lr × 0.1 at 32k and 48k, weight decay 1e-4;
     SGD+BN lr 0.1; G-SGD(+P-BN) lr searched in {{0.1, 0.2, 0.5, 1.0}}, no momentum, path-space weight
     decay 1e-4, P-BN λ = 0.1; random 32×32 crops (pad 4) and horizontal flips, pixels in [0, 1].
@@ -115,19 +106,19 @@ _CIFAR_DOC = """{name} for CIFAR (pbn §5.1; He et al. 2016): 3×3 stem, no max-
 
 
 @register("resnet18_cifar", (1, 3, 32, 32))
-@_hparams(**PBN_CIFAR)
+@hparams(**PBN_CIFAR, init="kaiming")
 def resnet18_cifar(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, **kw)
 
 
 @register("resnet34_cifar", (1, 3, 32, 32))
-@_hparams(**PBN_CIFAR)
+@hparams(**PBN_CIFAR, init="kaiming")
 def resnet34_cifar(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, **kw)
 
 
 @register("resnet50_cifar", (1, 3, 32, 32))
-@_hparams(**PBN_CIFAR)
+@hparams(**PBN_CIFAR, init="kaiming")
 def resnet50_cifar(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, **kw)
 
@@ -139,10 +130,12 @@ resnet50_cifar.__doc__ = _CIFAR_DOC.format(name="ResNet-50", blocks="3-4-6-3",
 
 
 @register("plainnet34", (1, 3, 32, 32))
-@_hparams(**PBN_CIFAR)
+@hparams(**PBN_CIFAR, init="kaiming")
 def plainnet34(num_classes: int = 10, **kw) -> PlainNet:
     """PlainNet-34 (pbn §5.1): ResNet-34 for CIFAR without shortcuts — 3×3 stem and 3-4-6-3 pairs of 3×3
     convs (64..512 channels), each conv + BN + ReLU. Input 3×32×32.
+
+    Init: Kaiming as plainnet18: normal, std √(2/fan_in), every conv and the classifier; BN γ = 1, β = 0.
 
     Paper's training (pbn F.1), as the ResNets: batch 128, 64k iterations, lr × 0.1 at 32k and 48k, weight
     decay 1e-4, SGD+BN lr 0.1, G-SGD+P-BN lr in {0.1, 0.2, 0.5, 1.0} without momentum (no λ: no skips)."""
@@ -177,11 +170,7 @@ class CifarNV(nn.Module):
         self.classifier = nn.Conv2d(c3, num_classes, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_bn = nn.BatchNorm1d(num_classes) if norm != "bn" else nn.Identity()
-        for mod in self.modules():  # ENorm §6.2: Xavier initialisation
-            if isinstance(mod, nn.Conv2d):
-                nn.init.xavier_normal_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
+        xavier_init(self)
 
     def forward(self, x):
         x = self.pool(self.classifier(self.features(x)))
@@ -189,9 +178,10 @@ class CifarNV(nn.Module):
 
 
 @register("cifar_nv", (1, 3, 28, 28))
-@_hparams(epochs=128, lr_search=(0.01, 0.05, 0.1), weight_decay=1e-3, lr_schedule="quadratic decay to 1e-4",
-          momentum=(0.0, 0.9), batch_sizes=(8, 16, 32, 64, 128), enorm_c=(1.0, 1.2), train_split=40_000,
-          augment="random 28×28 crops + horizontal flip (test: centre 28×28 crop), per-channel standardisation")
+@hparams(epochs=128, init="xavier", lr_search=(0.01, 0.05, 0.1), weight_decay=1e-3,
+         lr_schedule="quadratic decay to 1e-4", momentum=(0.0, 0.9), batch_sizes=(8, 16, 32, 64, 128),
+         enorm_c=(1.0, 1.2), train_split=40_000,
+         augment="random 28×28 crops + horizontal flip (test: centre 28×28 crop), per-channel standardisation")
 def cifar_nv(num_classes: int = 10, **kw) -> CifarNV:
     """CIFAR-NV (ENorm §6.2, Gitman & Ginsburg 2017). Input 3×28×28 (the paper's crops).
 
@@ -199,6 +189,10 @@ def cifar_nv(num_classes: int = 10, **kw) -> CifarNV:
     lr decayed quadratically to 1e-4, momentum 0 or 0.9, batch 8–128, Xavier init, 40k/10k train/validation
     split, random 28×28 crops + flips (centre crop at test), per-channel standardised inputs; one BN after
     the classifier for Baseline and ENorm (c ∈ {1, 1.2}).
+
+    Init: Xavier (§6.2), read as Glorot & Bengio's normalized initialization — uniform ±√(6/(fan_in+fan_out)),
+    fan = channels × 3×3 — for every conv, the 1×1 classifier too; biases 0; BNs γ = 1, β = 0. (The
+    authors' released code uses Kaiming normal instead; the paper's text is followed.)
     """
     return CifarNV(num_classes=num_classes, **kw)
 
@@ -207,10 +201,10 @@ def cifar_nv(num_classes: int = 10, **kw) -> CifarNV:
 
 class MLP(nn.Module):
     """Flatten, then ``depth`` Linear layers: in → hidden × (depth − 1) → classes; ReLU (and BN before it
-    when ``norm == "bn"``) after every hidden layer."""
+    when ``norm == "bn"``) after every hidden layer; ``init`` names an initialisation of zoo/recipe.py."""
 
     def __init__(self, in_features: int, hidden: int, depth: int, num_classes: int, norm: str = "none",
-                 bias: bool = True, init: str = "default"):
+                 bias: bool = True, init: str = "kaiming"):
         super().__init__()
         layers, c = [], in_features
         for _ in range(depth - 1):
@@ -220,21 +214,16 @@ class MLP(nn.Module):
             c = hidden
         layers.append(nn.Linear(c, num_classes, bias=bias))
         self.layers = nn.Sequential(*layers)
-        if init == "xavier":
-            for mod in self.modules():
-                if isinstance(mod, nn.Linear):
-                    nn.init.xavier_normal_(mod.weight)
-                    if mod.bias is not None:
-                        nn.init.zeros_(mod.bias)
+        init_by_name(self, init)
 
     def forward(self, x):
         return self.layers(torch.flatten(x, 1))
 
 
 @register("enorm_fc", (1, 3, 32, 32))
-@_hparams(epochs=60, batch_size=256, momentum=0.0, weight_decay=1e-3,
-          lr_search=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1), lr_schedule="linear decay to 0", enorm_c=1.2,
-          path_sgd_weight_decay=0.0, augment="per-channel standardisation")
+@hparams(epochs=60, init="xavier", batch_size=256, momentum=0.0, weight_decay=1e-3,
+         lr_search=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1), lr_schedule="linear decay to 0", enorm_c=1.2,
+         path_sgd_weight_decay=0.0, augment="per-channel standardisation")
 def enorm_fc(p: int = 3, width: int = 500, num_classes: int = 10, in_features: int = 3072, norm: str = "none",
              bias: bool = True) -> MLP:
     """ENorm §6.1 fully connected net: 3072 → 500, then ``p`` layers 500 × 500, then 500 → 10, ReLU between
@@ -243,18 +232,25 @@ def enorm_fc(p: int = 3, width: int = 500, num_classes: int = 10, in_features: i
     Paper's training: 60 epochs, SGD without momentum, batch 256, weight decay 1e-3, lr cross-validated in
     {5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1} decaying linearly to 0, Xavier init, per-channel standardised
     inputs; ENorm with c = 1.2 did best; p swept (Fig. 4), p = 3 in the norm study (Appendix).
+
+    Init: Xavier (§6.1), Glorot & Bengio's normalized initialization: uniform ±√(6/(fan_in+fan_out)) for
+    every linear layer, the classifier too; biases 0 (Glorot & Bengio's own; the paper does not say); BN
+    (``norm="bn"``) γ = 1, β = 0. (The authors' released code uses Kaiming normal; the paper's text is followed.)
     """
     return MLP(in_features, width, p + 2, num_classes, norm=norm, bias=bias, init="xavier")
 
 
 @register("pbn_mlp", (1, 3, 32, 32))
-@_hparams(epochs=150, batch_size=64, lr_search=(1, 5, 0.1, 0.5, 0.01, 0.05, 0.001, 0.005))
+@hparams(epochs=150, init="kaiming", batch_size=64, lr_search=(1, 5, 0.1, 0.5, 0.01, 0.05, 0.001, 0.005))
 def pbn_mlp(width: int = 4000, depth: int = 5, num_classes: int = 10, in_features: int = 3072,
             norm: str = "bn") -> MLP:
     """The MLP of pbn F.3 (after Neyshabur et al. 2015): 5 linear layers, 4000 units in each hidden layer,
     BN (P-BN after transform) at the end of every hidden layer, on flattened CIFAR-10 (3072 inputs).
     "5 layers" is read as five weight layers (3072 → 4000 × 4 → 10), the convention of ResNet-18 & co.
     ``width`` scales it down for CPU (e.g. 256).
+
+    Init: Kaiming (He et al. 2015a), as the paper's other networks (F.3 does not say): normal, std √(2/fan_in),
+    every linear layer, the classifier too; biases 0; BN γ = 1, β = 0.
 
     Paper's training: batch 64, 150 epochs, only the lr tuned, in {1, 5} × {1e-1, 1e-2, 1e-3}.
     """

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .recipe import hparams, kaiming_init
+
 
 def _norm(norm: str, c: int) -> nn.Module:
     return nn.BatchNorm2d(c) if norm == "bn" else nn.Identity()
@@ -51,16 +53,25 @@ class ResNet18TypeC(nn.Module):
         self.fc = nn.Linear(c, num_classes)
         # the paper's single BN after the last layer when the network has no other normalisation
         self.out_bn = nn.BatchNorm1d(num_classes) if norm != "bn" else nn.Identity()
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-                if mod.bias is not None:
-                    nn.init.uniform_(mod.bias, -0.1, 0.1)
+        kaiming_init(self)
 
     def forward(self, x):
         x = self.pool(self.blocks(self.stem(x)))
         return self.out_bn(self.fc(torch.flatten(x, 1)))
 
 
+@hparams(epochs=90, init="kaiming", momentum=0.9, lr="0.1·B/256", batch_sizes=(32, 64, 128, 256),
+         weight_decay={32: 1e-5, 64: 10 ** -4.5, 128: 1e-4, 256: 1e-4}, lr_schedule="quadratic decay to 1e-5",
+         augment="Szegedy et al. 2014 (ImageNet)")
 def resnet18_typec(num_classes: int = 10, **kw) -> ResNet18TypeC:
+    """ResNet-18 of type C (ENorm §4.3, §6.3): every shortcut a learned 1×1 conv; ``norm="none"`` (default) has
+    biases and one BN after the classifier, ``norm="bn"`` a BN after every conv. Input 3×32×32 (``stem="cifar"``).
+
+    Init: Kaiming (§6.3, He et al. 2015a): normal, std √(2/fan_in), every conv (shortcuts too) and the
+    classifier; biases 0 (He et al.'s b = 0); BNs γ = 1, β = 0.
+
+    Paper's training (§6.3, ImageNet, the setup of Wu & He 2018): 90 epochs, SGD with momentum 0.9, lr 0.1·B/256
+    for batch B ∈ {32, 64, 128, 256}, weight decay 1e-4 (B = 128, 256), 10^-4.5 (64), 1e-5 (32), lr decayed
+    quadratically to 1e-5, standard augmentation; median error of the last 5 epochs reported.
+    """
     return ResNet18TypeC(num_classes=num_classes, **kw)

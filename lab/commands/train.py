@@ -7,11 +7,12 @@ import os
 from pathfx import InputError
 from pathfx.commands import write_atomic
 
+from ..data import DATASETS
 from ..plots import curves
 from ..train import COLUMNS, CPU_WIDTH_DIVISOR, default_width, train
 
 NAME = "train"
-HELP = "train a model with sgd (+BN), enorm, gsgd (+P-BN) or gsgd-bn on digits, synthetic data or CIFAR-10"
+HELP = "train a model with sgd (+BN), enorm, gsgd (+P-BN) or gsgd-bn on digits, MNIST-1D, synthetic data or CIFAR-10"
 
 
 def add_arguments(p) -> None:
@@ -19,7 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--plan", required=True, choices=["sgd", "enorm", "gsgd", "gsgd-bn"],
                    help="sgd: SGD + BN; enorm: balanced, ENorm after each step; gsgd: G-SGD + P-BN; "
                         "gsgd-bn: G-SGD with conventional BN")
-    p.add_argument("--data", default="digits", help="digits (default), synthetic or cifar10 (needs --cifar-dir)")
+    p.add_argument("--data", default="digits",
+                   help="digits (default), mnist1d (the mnist1d_* models), synthetic or cifar10 (needs --cifar-dir)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, help="default: the plan's")
     p.add_argument("--lr", type=float, help="default: the plan's")
@@ -37,8 +39,8 @@ def run(args) -> int:
     for path in (args.csv, args.png):  # refuse before any work, not after minutes of it
         if path and os.path.exists(path) and not args.force:
             raise InputError(f"output file '{path}' exists (use --force to overwrite)")
-    if args.data not in ("digits", "synthetic", "cifar10"):
-        raise InputError(f"unknown dataset '{args.data}': digits, synthetic or cifar10")
+    if args.data not in DATASETS:
+        raise InputError(f"unknown dataset '{args.data}': {', '.join(DATASETS)}")
     if args.data == "cifar10" and not args.cifar_dir:
         raise InputError("--data cifar10 needs --cifar-dir DIR (the directory of the CIFAR-10 python batches; "
                          "nothing is downloaded)")
