@@ -59,12 +59,13 @@ class QuantizationReport:
     labelled_samples: int = 0
     accuracy_float: float | None = None  # of the float ONNX model on the labelled data
     accuracy_int8: float | None = None
+    settings: dict = field(default_factory=lambda: dict(SETTINGS))
 
     def __str__(self) -> str:
-        lines = [f"int8 ({SETTINGS['format']}; weights {SETTINGS['weights']}, "
-                 f"{'per channel' if self.per_channel else 'per tensor'}; activations {SETTINGS['activations']}; "
-                 f"{SETTINGS['calibration']} calibration on {self.calibration_samples} samples in "
-                 f"{self.calibration_batches} batches)"]
+        s = self.settings
+        lines = [f"int8 ({s['format']}; weights {s['weights']}, {'per channel' if self.per_channel else 'per tensor'}; "
+                 f"activations {s['activations']}; {s['calibration']} calibration on {self.calibration_samples} "
+                 f"samples in {self.calibration_batches} batches)"]
         for e in self.errors:
             agree = "" if e.argmax_agreement is None else f", argmax agrees on {e.argmax_agreement:.1%}"
             lines.append(f"float vs int8 on {e.inputs} ({e.samples} samples): max abs {e.max_abs:.3g}, "
