@@ -663,6 +663,9 @@ def check_options(p, c: float, cycles=None, tol=None) -> float:
 
 
 def _check_rows(bal: Balancer, rows: list[torch.Tensor], cycle: int) -> None:
+    """Log energies are finite or −∞ (a zero row); NaN or +∞ is an error naming the weight."""
+    if not rows or float(torch.cat(rows).nan_to_num(nan=INF, posinf=INF).max()) < INF:
+        return
     for lay, r in zip(bal.weights, rows):
         if bool(torch.isnan(r).any()) or bool((r == INF).any()):
             raise NonFiniteError(f"parameter '{lay.name}': its energy is not finite after ENorm cycle {cycle}")
@@ -687,7 +690,7 @@ def balance(module: torch.nn.Module, groups: RescalingGroups, p: float = 2, c: f
             raise NonFiniteError(f"parameter '{name}' holds NaN or Inf: cannot balance")
     bal = Balancer(groups, params, select)
     st = bal.start(p, dtype=torch.float64, lazy_from=LAZY_FROM)
-    rows0 = bal.row_logs(st)
+    rows = rows0 = bal.row_logs(st)
     obj, wobj = bal.log_objective(rows0, p, c)
     objective, weighted, moved = [obj], ([wobj] if wobj is not None else None), []
     limit = cycles if cycles is not None else max_cycles
@@ -704,7 +707,6 @@ def balance(module: torch.nn.Module, groups: RescalingGroups, p: float = 2, c: f
         moved.append(bal.moved(before, bal.log_factors(st)))
         if cycles is None and moved[-1] <= stop:
             break
-    rows = bal.row_logs(st)
     bal.apply(st)
     for lay in bal.weights:
         for name in (lay.name, lay.bias):

@@ -14,12 +14,12 @@ def exp(x: float) -> float:
     return INF if x > 709.78 else math.exp(x)
 
 
-def _number(log: float) -> str:
+def _number(log: float, digits: int = 6) -> str:
     """A positive number given by its natural log, printed even where float64 cannot hold it."""
     if log == -INF or abs(log) < 700:
-        return f"{exp(log):.6g}"
+        return f"{exp(log):.{digits}g}"
     e = math.floor(log / math.log(10))
-    return f"{10 ** (log / math.log(10) - e):.5f}e{e:+d}"
+    return f"{10 ** (log / math.log(10) - e):.{digits - 1}f}e{e:+d}"
 
 
 @dataclass
@@ -86,6 +86,6 @@ class ENormReport:
             ["dead channels", self.num_dead],
         ])
         rows = [[lay.name, _number(lay.log_before), _number(lay.log_after),
-                 f"{exp(lay.log_after - lay.log_before):.3f}" if lay.log_before > -INF else "-"]
+                 _number(lay.log_after - lay.log_before, 3) if lay.log_before > -INF else "-"]
                 for lay in self.layers]
         return head + "\n\n" + table(["layer", "energy before", "energy after", "ratio"], rows)

@@ -314,12 +314,24 @@ def test_dead_sets_found_through_several_layers():
         assert torch.equal(dict(balanced.named_parameters())[name][:3], dict(model.named_parameters())[name][:3])
 
 
-def test_non_finite_weight_names_the_parameter():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_names_the_parameter(bad):
     model = mlp()
     with torch.no_grad():
-        model[4].weight[0, 0] = float("nan")
+        model[4].weight[0, 0] = bad
     with pytest.raises(NonFiniteError, match=r"'4\.weight'"):
         pathfx.enorm(model, torch.randn(1, 12))
+
+
+def test_a_balanced_value_beyond_float64_is_an_error_naming_it():
+    """Balancing multiplies unit 0's bias of 1e300 by about 1e20: no float64 holds the result."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-20)
+        model[0].bias.fill_(1e300)
+        model[2].weight.mul_(1e20)
+    with pytest.raises(NonFiniteError, match=r"parameter '0\.bias' is not finite after ENorm"):
+        pathfx.enorm(model, torch.randn(2, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kw", [{"p": 0}, {"p": -1}, {"c": 0}, {"cycles": -1}, {"tol": -1.0}])
