@@ -51,14 +51,16 @@ def runs_table(study: Study) -> str:
                         [f"{100 * r.accuracy[v]:.2f}" for v in study.variants] for r in study.runs])
 
 
+REFERENCE = {"trained": "the model as trained", "cle": "torch.ao CLE"}
+
+
 def _versus(runs: list, v: str, ref: str) -> str:
     a, b = (statistics.fmean(r.accuracy[k] for r in runs) for k in (v, ref))
     at_least = sum(r.accuracy[v] >= r.accuracy[ref] for r in runs)
-    seeds = f"≥ {LABELS[ref]} on {at_least} of {len(runs)} seed(s)"
+    seeds = f"≥ on {at_least} of {len(runs)} seed(s)"
     if a == b:
-        return f"{100 * a:.2f}%, the same mean as {LABELS[ref]}; {seeds}"
-    word = "above" if a > b else "below"
-    return f"{100 * a:.2f}% against {100 * b:.2f}% {LABELS[ref]}: {100 * abs(a - b):.2f} points {word}; {seeds}"
+        return f"the same mean accuracy as {REFERENCE[ref]}, {seeds}"
+    return f"{100 * abs(a - b):.2f} points {'above' if a > b else 'below'} {REFERENCE[ref]}, {seeds}"
 
 
 def findings(study: Study) -> list[str]:
@@ -73,13 +75,17 @@ def findings(study: Study) -> list[str]:
         drop = {v: statistics.fmean(r.float_accuracy[v] - r.accuracy[v] for r in runs) for v in ("trained", "per_channel")}
         out.append(f"{model}: per-tensor int8 of the model as trained costs {100 * drop['trained']:.2f} points of "
                    f"accuracy (per-channel int8: {100 * drop['per_channel']:.2f}).")
-        for v in BALANCED:
-            if v not in study.variants or (v == "cle" and runs[0].cle_pairs == 0):
-                continue
-            out.append(f"{model}, {LABELS[v]}: {_versus(runs, v, 'trained')}.")
-        if runs[0].cle_pairs == 0:
+        has_cle = runs[0].cle_pairs > 0
+        if not has_cle:
             out.append(f"{model}: torch.ao's equalize supports no pair of its layers; the CLE column is the model "
                        "as trained.")
+        for v in BALANCED:
+            if v not in study.variants or (v == "cle" and not has_cle):
+                continue
+            refs = ("trained", "cle") if v != "cle" and has_cle else ("trained",)
+            ratio = statistics.fmean(r.mean_abs[v] / r.mean_abs["trained"] for r in runs)
+            out.append(f"{model}, {LABELS[v]}: " + "; ".join(_versus(runs, v, ref) for ref in refs) +
+                       f"; mean logit error × {ratio:.2f} of the model as trained's.")
     out.append(criterion(study))
     return out
 
