@@ -291,8 +291,9 @@ def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True
     try:
         args32 = cast_floating(args, torch.float32)
         if quantize:  # the caller's data is read, and refused, before the minutes of an export
-            batches = calibration_batches(calibration, args32)
-            labelled = labelled_batches(labels, args32) if labels is not None else []
+            feeds = tuple(a for a in args32 if torch.is_tensor(a))  # what the ONNX graph takes as inputs
+            batches = calibration_batches(calibration, feeds)
+            labelled = labelled_batches(labels, feeds) if labels is not None else []
         folded, names = fold_for_export(model)
         folded = folded.float()
         run_once(folded, args32)  # a wrong input shape fails here, clearly, before the exporter's traces

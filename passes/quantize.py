@@ -129,24 +129,24 @@ def labelled_batches(labels, example: tuple) -> list[tuple[tuple, torch.Tensor]]
     what = "labels"
     pair = isinstance(labels, (tuple, list)) and len(labels) == 2 and torch.is_tensor(labels[1]) and \
         (torch.is_tensor(labels[0]) or isinstance(labels[0], (tuple, list)))
-    items = [labels] if pair else labels
-    out = []
     try:
-        for item in items:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and torch.is_tensor(item[1])):
-                raise InputError(f"{what}: expected (inputs, targets) tensors or an iterable of (inputs, targets) "
-                                 f"batches, got {type(item).__name__}")
-            x, y = item
-            args = _inputs_of(tuple(x) if isinstance(x, (tuple, list)) else x, len(example), what)
-            batches = _cut(args, example, what)
-            if y.dim() != 1 or len(y) != args[0].shape[0]:
-                raise InputError(f"{what}: {len(y) if y.dim() else 0} targets for {args[0].shape[0]} samples "
-                                 f"(expected one class index per sample)")
-            b = batches[0][0].shape[0]
-            out += [(a, y[i * b:(i + 1) * b]) for i, a in enumerate(batches)]
+        items = [labels] if pair else list(labels)
     except TypeError:
         raise InputError(f"{what}: expected (inputs, targets) tensors or an iterable of batches, got "
                          f"{type(labels).__name__}") from None
+    out = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and torch.is_tensor(item[1])):
+            raise InputError(f"{what}: expected (inputs, targets) tensors or an iterable of (inputs, targets) "
+                             f"batches, got {type(item).__name__}")
+        x, y = item
+        args = _inputs_of(tuple(x) if isinstance(x, (tuple, list)) else x, len(example), what)
+        batches = _cut(args, example, what)
+        if y.dim() != 1 or len(y) != args[0].shape[0]:
+            raise InputError(f"{what}: {len(y) if y.dim() else 0} targets for {args[0].shape[0]} samples "
+                             f"(expected one class index per sample)")
+        b = batches[0][0].shape[0]
+        out += [(a, y[i * b:(i + 1) * b]) for i, a in enumerate(batches)]
     if not out:
         raise InputError(f"{what}: no labelled batches")
     return out

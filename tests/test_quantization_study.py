@@ -8,6 +8,7 @@ from PIL import Image
 
 import pathfx
 import zoo
+from passes.soundness import check_soundness
 from lab.quantization import cle_pairs, p_inf_available, variants
 from pathfx.analysis import prepare
 from pathfx.cli import main
@@ -18,6 +19,28 @@ def folded(name, **kw):
     model = zoo.build(name, num_classes=10, **kw).eval()
     x = torch.randn(2, 3, 32, 32)
     return model, x, prepare(model, x)
+
+
+SMALL = {"vgg11_bn_small": {"width": 4}, "dwsep_net": {"width": 4}, "mobilenet_v2_relu": {"width_mult": 0.25}}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_study_models_are_free_relu_networks(name):
+    model, x, _ = folded(name, **SMALL[name])
+    assert zoo.lookup(name).input_shape == (1, 3, 32, 32) and zoo.lookup(name).build.__doc__
+    assert model(x).shape == (2, 10)
+    assert not any(isinstance(m, (torch.nn.ReLU6, torch.nn.Hardtanh)) for m in model.modules())
+    groups = pathfx.find_groups(model, x, name=name)
+    assert groups.num_free > 0 and not groups.barriers
+    assert check_soundness(groups, x, reinit=True).ok
+
+
+def test_mobilenet_v2_relu_has_the_papers_blocks():
+    model = zoo.build("mobilenet_v2_relu")
+    blocks = [m for m in model.modules() if type(m).__name__ == "InvertedResidual"]
+    assert len(blocks) == 17 and sum(b.skip for b in blocks) == 10  # 17 blocks, 10 identity skips
+    groups = pathfx.find_groups(model, torch.randn(1, 3, 32, 32))
+    assert any("depthwise" in g.tags for g in groups.groups) and any("identity-skip" in g.tags for g in groups.groups)
 
 
 def test_cle_pairs_stop_at_adds_and_depthwise_inputs():
@@ -77,3 +100,19 @@ def test_quick_study_writes_report_and_figure(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantization", "--quick", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_text() == text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,x"], "--seeds '0,x' does not parse"),
+    (["--calibration", "70"], "calibration (70) must be a multiple of batch (50)"),
+    (["--models", "vgg11_bn_smal"], "unknown model 'vgg11_bn_smal'; closest: vgg11_bn_small"),
+    (["--out", "{tmp}/q.txt"], "does not end in .md"),
+    (["--out", "{tmp}/no/q.md"], "does not exist"),
+])
+def test_user_errors_fail_before_training(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "q.md")]
+    assert main(["quantization"] + out + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []

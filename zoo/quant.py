@@ -119,14 +119,18 @@ class MobileNetV2ReLU(nn.Module):
 
 @register("vgg11_bn_small", (1, 3, 32, 32))
 def vgg11_bn_small(num_classes: int = 10, **kw) -> VGG11Small:
+    """VGG-11 with BN at width 16 (``VGG11Small``), for 3×32×32 inputs."""
     return VGG11Small(num_classes=num_classes, **kw)
 
 
 @register("dwsep_net", (1, 3, 32, 32))
 def dwsep_net(num_classes: int = 10, **kw) -> DepthwiseSeparableNet:
+    """A plain depthwise-separable network, MobileNet-v1 style, at width 16 (``DepthwiseSeparableNet``)."""
     return DepthwiseSeparableNet(num_classes=num_classes, **kw)
 
 
 @register("mobilenet_v2_relu", (1, 3, 32, 32))
 def mobilenet_v2_relu(num_classes: int = 10, **kw) -> MobileNetV2ReLU:
+    """MobileNetV2 with ReLU instead of ReLU6, width multiplier 0.5, for 3×32×32 inputs (``MobileNetV2ReLU``):
+    not torchvision's ``mobilenet_v2``, whose ReLU6 channels cannot be rescaled."""
     return MobileNetV2ReLU(num_classes=num_classes, **kw)

@@ -1,9 +1,7 @@
 """`pathfx quantization`: per-tensor int8 accuracy of models trained on digits, as trained and balanced."""
 from __future__ import annotations
 
-import shlex
-
-from pathfx import InputError
+from . import command_line, names, seeds
 
 NAME = "quantization"
 HELP = ("train the study's models on digits over several seeds and measure per-tensor int8 accuracy as trained, "
@@ -32,21 +30,12 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the report and its figure")
 
 
-def _names(text: str) -> tuple:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def run(args) -> int:
     from ..quantization import Config, run as run_study
 
-    try:
-        seeds = tuple(int(s) for s in _names(args.seeds))
-    except ValueError:
-        raise InputError(f"--seeds '{args.seeds}' does not parse: expected integers like 0,1,2") from None
     cfg = Config(**QUICK, threads=args.threads) if args.quick else \
-        Config(models=_names(args.models), seeds=seeds, epochs=args.epochs, calibration=args.calibration,
+        Config(models=names(args.models), seeds=seeds(args.seeds), epochs=args.epochs, calibration=args.calibration,
                threads=args.threads)
-    argv = getattr(args, "argv", None)
-    command = "pathfx " + shlex.join(argv) if argv else "pathfx quantization"
-    run_study(cfg, args.out, force=args.force, command=command, log=lambda line: print(line, flush=True))
+    run_study(cfg, args.out, force=args.force, command=command_line(args, "pathfx quantization"),
+              log=lambda line: print(line, flush=True))
     return 0
