@@ -70,11 +70,16 @@ def findings(study: Study) -> list[str]:
                "preserves the function." if not differ else
                "The float accuracy differs between variants on " + ", ".join(f"{m} seed {s}" for m, s in differ) +
                ": a rescaling changed some predictions of the float model (ties broken by rounding).")
+    out.append(resolution(study))
     for model in _models(study):
         runs = _runs(study, model)
         drop = {v: statistics.fmean(r.float_accuracy[v] - r.accuracy[v] for r in runs) for v in ("trained", "per_channel")}
-        out.append(f"{model}: per-tensor int8 of the model as trained costs {100 * drop['trained']:.2f} points of "
-                   f"accuracy (per-channel int8: {100 * drop['per_channel']:.2f}).")
+        ratio = statistics.fmean(r.mean_abs["per_channel"] / r.mean_abs["trained"] for r in runs)
+        where = "most of it is not in the weights' scales but in the activations'" if ratio > 0.95 else \
+            "a share of it is in the weights' per-tensor scales"
+        out.append(f"{model}: per-tensor int8 of the model as trained {_change(drop['trained'])} (per-channel int8: "
+                   f"{_change(drop['per_channel'])}); per-channel weight scales leave × {ratio:.2f} of its mean logit "
+                   f"error: {where}.")
         has_cle = runs[0].cle_pairs > 0
         if not has_cle:
             out.append(f"{model}: torch.ao's equalize supports no pair of its layers; the CLE column is the model "
@@ -88,6 +93,27 @@ def findings(study: Study) -> list[str]:
                        f"; mean logit error × {ratio:.2f} of the model as trained's.")
     out.append(criterion(study))
     return out
+
+
+def _change(drop: float) -> str:
+    """A mean accuracy change float → int8 in words."""
+    return "keeps the float accuracy" if drop == 0 else \
+        f"{'loses' if drop > 0 else 'gains'} {100 * abs(drop):.2f} points"
+
+
+def resolution(study: Study) -> str:
+    """How many test images the accuracy differences amount to: whether the accuracy columns can separate the
+    variants at all."""
+    image = 100 / study.test_size
+    moved = max(abs(r.float_accuracy[v] - r.accuracy[v]) * study.test_size for r in study.runs for v in study.variants)
+    spread = max(max(m) - min(m) for m in ([statistics.fmean(r.accuracy[v] for r in _runs(study, model))
+                                           for v in study.variants] for model in _models(study)))
+    images = spread * study.test_size
+    reading = "at this size the accuracy columns barely separate the variants; the mean logit error is the finer " \
+        "measure" if images < 2 else "the accuracy columns separate them"
+    return (f"One test image is {image:.2f} points. int8 changes the test accuracy of a run by at most "
+            f"{round(moved)} image(s), and the variants' mean accuracies of one model lie within {100 * spread:.2f} "
+            f"points ({images:.1f} image(s) per seed on average) of each other: {reading}.")
 
 
 def criterion(study: Study) -> str:
@@ -168,6 +194,9 @@ def figure(study: Study) -> bytes:
             ax.bar(pos, [m for m, _ in values], width, yerr=[s for _, s in values], capsize=2, label=LABELS[v])
     axes[0].set_ylabel("float − int8 test accuracy (points)")
     axes[0].axhline(0, color="black", lw=0.6)
+    for sign in (1, -1):  # what one test image is worth
+        axes[0].axhline(sign * 100 / study.test_size, color="grey", lw=0.6, ls=":",
+                        label="± one test image" if sign > 0 else None)
     axes[1].set_ylabel("mean |float − int8| logit / the same as trained")
     axes[1].axhline(1, color="black", lw=0.6)
     for ax, title in zip(axes, ("accuracy lost to int8", "int8 logit error relative to as trained")):
