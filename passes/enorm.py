@@ -352,7 +352,7 @@ class Balancer:
                 e = w.square()
             E.append(e.reshape(lay.blocks, lay.rows, lay.cols))
             mins.append(E[-1].reshape(lay.blocks, -1).amin(1))
-        totals = torch.stack([e.sum().double() for e in E]) if E else torch.zeros(0, dtype=torch.float64)
+        totals = torch.stack([e.sum() for e in E]).double() if E else torch.zeros(0, dtype=torch.float64)
         total = float(totals.sum())
         if not math.isfinite(total):
             self._check_weights()
