@@ -89,7 +89,7 @@ import torch
 
 from . import enorm_reach, kernels
 from .enorm_numbers import (INF, LazyLogs, LazySquares, energy_window, factor_window, log_energy, log_scatter, log_sum,
-                            mv, power, rescale, rescale_log, taps_of, work, work_dtype)
+                            mv, power, rescale, rescale_log, work, work_dtype)
 from .enorm_report import DeadChannels, ENormReport, LayerEnergy, exp
 from .errors import InputError, NonFiniteError
 from .finite import is_finite
@@ -111,6 +111,10 @@ class _Weight:
     blocks: int  # conv groups (C for affine)
     rows: int  # rows per block
     cols: int  # columns (input channels or features) per block
+
+    @property
+    def taps(self) -> int:  # kernel entries per (row, column)
+        return math.prod(self.shape[2:]) if self.kind != "affine" else 1
 
     @property
     def view(self) -> tuple:  # (out, in/groups) or (C,), broadcast over kernel dims
@@ -235,17 +239,16 @@ class Balancer:
         self.rseg, self.kseg = cat(rseg, torch.long), cat(kseg, torch.long)
         self.biased, self.nseg = cat(biased, torch.bool), start
 
-    def _fixed(self, supports, fulls=None) -> list[torch.Tensor]:
+    def _fixed(self, supports, fulls) -> list[torch.Tensor]:
         """Per plan, its variables that no nonzero path from the input to the output crosses.
         ``supports``: per weight, positive exactly at its nonzero kernels (enorm_reach);
-        ``fulls``: their ``enorm_reach.positive_blocks`` when known."""
-        if fulls is None:
-            fulls = [enorm_reach.positive_blocks(e, lay.blocks) for e, lay in zip(supports, self.weights)]
+        ``fulls``: their ``enorm_reach.positive_blocks``, None when every block is all nonzero."""
         shapes = [(lay.blocks, lay.rows, lay.cols) for lay in self.weights]
-        if all(f.all() for f in fulls):
+        if fulls is None:
             if self._structural is None:
+                full = [np.ones(lay.blocks, dtype=bool) for lay in self.weights]
                 self._structural = enorm_reach.live(int(self.offsets[-1]), shapes, self.rvars, self.cvars, supports,
-                                                    fulls)
+                                                    full)
             live = self._structural
         else:
             live = enorm_reach.live(int(self.offsets[-1]), shapes, self.rvars, self.cvars, supports, fulls)
@@ -330,19 +333,18 @@ class Balancer:
 
     def _lazy(self, i: int, w: torch.Tensor, lazy_from) -> bool:
         lay = self.weights[i]
-        return lazy_from is not None and w.numel() >= lazy_from and taps_of(w) == 1 and lay.blocks == 1 \
+        return lazy_from is not None and w.numel() >= lazy_from and lay.taps == 1 and lay.blocks == 1 \
             and lay.kind != "affine" and all(i not in plan.self_masks for plan in self.plans)
 
     def _start_squares(self, dtype, lazy_from) -> State | None:
-        """The p = 2 state of plain numbers, or None when an energy is outside ``_window``."""
+        """The p = 2 state of plain numbers, or None when an energy is outside ``energy_window``."""
         E, mins = [], []
         for i, lay in enumerate(self.weights):
             w = self.params[lay.name].detach()
-            taps = taps_of(w)
             if self._lazy(i, w, lazy_from):
                 E.append(LazySquares(w.reshape(lay.rows, lay.cols), work_dtype(w, dtype)))
                 continue
-            w = work(w, dtype)
+            w, taps = work(w, dtype), lay.taps
             if taps > 1 and kernels.usable(w):
                 e = kernels.energy(w, taps)
             elif taps > 1:  # one batched dot per (row, column): ATen's fastest reduction over a few taps
@@ -359,28 +361,33 @@ class Balancer:
         lo, hi = energy_window(min((e.dtype for e in E), key=lambda t: torch.finfo(t).max, default=torch.float64))
         if not total <= hi:
             return None
-        fulls, supports, it = [], [], iter(mins)
-        for lay, e in zip(self.weights, E):
-            if isinstance(e, LazySquares):  # a lazy weight: its smallest nonzero |w| bounds its squares
-                full = np.array([e.all_nonzero()])
-                if e.smallest() ** 2 < lo:
-                    return None
-                support = e
-            else:
-                m = next(it)
-                full = (m > 0).numpy()
-                support = e if full.all() else self._nonzero(lay)
-                if not full.all() and bool(((e < lo) & support).any()):
-                    return None
-            fulls.append(full)
-            supports.append(support)
-        smallest = torch.cat(mins) if mins else torch.zeros(0)
-        if bool(((smallest > 0) & (smallest < lo)).any()):
+        fulls = None  # the usual case: every kernel nonzero, every energy in the window
+        if (float(torch.cat(mins).min()) if mins else INF) < lo or \
+                any(isinstance(e, LazySquares) and not e.all_nonzero() for e in E):
+            fulls, supports = self._square_supports(E, lo)
+            if supports is None:
+                return None
+        if any(isinstance(e, LazySquares) and e.smallest() ** 2 < lo for e in E):
             return None
         ones = lambda n, e: torch.ones(n, dtype=e.dtype)  # noqa: E731
         return State(E, self._masked(E, 0.0), [ones(lay.blocks * lay.rows, e) for lay, e in zip(self.weights, E)],
                      [ones(lay.blocks * lay.cols, e) for lay, e in zip(self.weights, E)], 2.0, False,
-                     math.log(total) if total > 0 else -INF, self._fixed(supports, fulls), dtype, lazy_from)
+                     math.log(total) if total > 0 else -INF, self._fixed(E if fulls is None else supports, fulls),
+                     dtype, lazy_from)
+
+    def _square_supports(self, E, lo: float):
+        """(``positive_blocks`` per weight, supports) when some energies are 0, from the weights
+        themselves, since a square can underflow to 0; (None, None) when a nonzero kernel has an
+        energy below ``lo``."""
+        fulls, supports = [], []
+        for lay, e in zip(self.weights, E):
+            full = enorm_reach.positive_blocks(e, lay.blocks)
+            support = e if full.all() or isinstance(e, LazySquares) else self._nonzero(lay)
+            if not isinstance(e, LazySquares) and bool(((e < lo) & (support > 0)).any()):
+                return None, None
+            fulls.append(full)
+            supports.append(support)
+        return fulls, supports
 
     def _start_log(self, p: float, dtype, lazy_from) -> State:
         E = self._log_energies(p, dtype, lazy_from)
@@ -389,10 +396,11 @@ class Balancer:
         if math.isnan(total) or total == INF:
             self._check_weights()
         supports = [e if isinstance(e, LazyLogs) else e > -INF for e in E]
+        fulls = [enorm_reach.positive_blocks(s, lay.blocks) for s, lay in zip(supports, self.weights)]
         zeros = lambda n, e: torch.zeros(n, dtype=e.dtype)  # noqa: E731
         return State(E, self._masked(E, -INF), [zeros(lay.blocks * lay.rows, e) for lay, e in zip(self.weights, E)],
                      [zeros(lay.blocks * lay.cols, e) for lay, e in zip(self.weights, E)], p, True, total,
-                     self._fixed(supports), dtype, lazy_from)
+                     self._fixed(supports, None if all(f.all() for f in fulls) else fulls), dtype, lazy_from)
 
     def _log_energies(self, p: float, dtype, lazy_from) -> list:
         E = []
@@ -402,7 +410,7 @@ class Balancer:
                 E.append(LazyLogs(w.reshape(lay.rows, lay.cols), p, work_dtype(w, dtype)))
                 continue
             w = work(w, dtype)
-            E.append(log_energy(w, p, taps_of(w)).reshape(lay.blocks, lay.rows, lay.cols))
+            E.append(log_energy(w, p, lay.taps).reshape(lay.blocks, lay.rows, lay.cols))
         return E
 
     def _masked(self, E, fill: float) -> dict:

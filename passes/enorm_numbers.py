@@ -111,10 +111,6 @@ class LazyLogs:
         return int(torch.count_nonzero(self.w)) == self.w.numel()
 
 
-def taps_of(w: torch.Tensor) -> int:
-    return w[0, 0].numel() if w.dim() > 2 else 1
-
-
 def work_dtype(w: torch.Tensor, dtype) -> torch.dtype:
     """The dtype a run computes a weight's energies in: ``dtype``, else the weight's own, with half
     precision raised to float32 (its exponent range holds few squares)."""
