@@ -49,7 +49,7 @@ timm-coverage: $(STAMP)
 experiments: $(STAMP)
 	$(VENV)/bin/pathfx experiments --force
 
-# The quantization study docs/quantization.md and docs/quantization.png (about 25 min on one thread).
+# The quantization study docs/quantization.md and docs/quantization.png (about 20 min on one thread).
 quantization: $(STAMP)
 	$(VENV)/bin/pathfx quantization --force
 

@@ -29,13 +29,25 @@ def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups
     return layers + ([nn.ReLU(inplace=True)] if relu else [])
 
 
-class VGG11Small(nn.Module):
+class PooledClassifier(nn.Module):
+    """``layers`` in sequence (``features``), global average pooling, one linear classifier (``fc``)."""
+
+    def __init__(self, layers: list[nn.Module], channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class VGG11Small(PooledClassifier):
     """VGG-11 with BatchNorm (Simonyan & Zisserman 2015, configuration A; torchvision's ``vgg11_bn``) at
     ``width`` channels in the first stage instead of 64 (16 → 16, 32, 64, 64, 128 × 4), five max-pools
     (32×32 → 1×1), global average pooling and one linear classifier in place of the three 4096-wide ones."""
 
     def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3):
-        super().__init__()
         layers, c = [], in_channels
         for v in VGG11:
             if v == "M":
@@ -43,32 +55,21 @@ class VGG11Small(nn.Module):
             else:
                 layers += conv_bn_relu(c, v * width)
                 c = v * width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, c, num_classes)
 
 
-class DepthwiseSeparableNet(nn.Module):
+class DepthwiseSeparableNet(PooledClassifier):
     """A plain (no skip) depthwise-separable network in the style of MobileNet-v1 (Howard et al. 2017): a 3×3
     stem of ``width`` channels, seven blocks of a 3×3 depthwise conv and a 1×1 pointwise conv, each with BN
     and ReLU (2, 4, 4, 8, 8, 16, 16 × ``width`` channels; stride 2 in blocks 2, 4, 6: 32×32 → 4×4), global
     average pooling, one linear classifier."""
 
     def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3):
-        super().__init__()
         layers, c = conv_bn_relu(in_channels, width), width
         for mult, stride in DWSEP:
             layers += conv_bn_relu(c, c, 3, stride, groups=c) + conv_bn_relu(c, mult * width, 1)
             c = mult * width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, c, num_classes)
 
 
 class InvertedResidual(nn.Module):
@@ -94,14 +95,13 @@ def _round(c: float) -> int:
     return r + 8 if r < 0.9 * c else r
 
 
-class MobileNetV2ReLU(nn.Module):
+class MobileNetV2ReLU(PooledClassifier):
     """MobileNetV2 (Sandler et al. 2018) with ReLU in place of ReLU6 everywhere, for 32×32 inputs: the
     paper's 17 inverted residual blocks (``MOBILENET_V2``) at width multiplier ``width_mult`` (channels
     rounded to multiples of 8), a 3×3 stem of stride 1 and the 1×1 head conv of 1280 × ``width_mult``
     channels, global average pooling, one linear classifier (no dropout)."""
 
     def __init__(self, num_classes: int = 10, width_mult: float = 0.5, in_channels: int = 3):
-        super().__init__()
         c = _round(32 * width_mult)
         layers = conv_bn_relu(in_channels, c)
         for t, channels, n, s in MOBILENET_V2:
@@ -109,12 +109,7 @@ class MobileNetV2ReLU(nn.Module):
                 layers.append(InvertedResidual(c, _round(channels * width_mult), s if i == 0 else 1, t))
                 c = _round(channels * width_mult)
         head = _round(1280 * width_mult)
-        self.features = nn.Sequential(*layers, *conv_bn_relu(c, head, 1))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(head, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers + conv_bn_relu(c, head, 1), head, num_classes)
 
 
 @register("vgg11_bn_small", (1, 3, 32, 32))
