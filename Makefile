@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
-.PHONY: setup demo test test-slow bench coverage timm-coverage experiments clean
+.PHONY: setup demo test test-slow bench coverage timm-coverage experiments quantization clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ timm-coverage: $(STAMP)
 # The reproduction report docs/experiments.md and its figures in docs/experiments/ (about 15–25 min on one thread).
 experiments: $(STAMP)
 	$(VENV)/bin/pathfx experiments --force
+
+# The quantization study docs/quantization.md and docs/quantization.png (about 20 min on one thread).
+quantization: $(STAMP)
+	$(VENV)/bin/pathfx quantization --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,8 +26,9 @@ SOURCE, SINK = 0, 1
 
 
 def positive_blocks(E, blocks: int) -> np.ndarray:
-    """Per block of a weight: are all of its entries nonzero? ``E`` is an energy tensor
-    (blocks, rows, cols) or a lazy one (enorm._Powers)."""
+    """Per block of a weight: are all of its entries nonzero? ``E`` is a tensor (blocks, rows, cols)
+    positive exactly where the weight's kernel is nonzero, or a lazy weight (``all_nonzero``,
+    ``nonzero_blocks``: enorm_numbers.LazySquares, LazyLogs)."""
     if hasattr(E, "all_nonzero"):
         return np.array([E.all_nonzero()])
     return (E.reshape(blocks, -1).amin(1) > 0).numpy()
@@ -50,7 +51,7 @@ def _aggregate(E, rnode: np.ndarray, cnode: np.ndarray, hub: int):
     ucol, cl = np.unique(cnode, return_inverse=True)
     urow, rl = np.unique(rnode, return_inverse=True)
     cl, rl = torch.as_tensor(cl.ravel()), torch.as_tensor(rl.ravel())
-    chunks = E.blocks() if hasattr(E, "blocks") else [(0, E.reshape(E.shape[-2], E.shape[-1]))]
+    chunks = E.nonzero_blocks() if hasattr(E, "nonzero_blocks") else [(0, E.reshape(E.shape[-2], E.shape[-1]))]
     A = torch.zeros(len(urow), len(ucol))
     for start, e in chunks:
         T = torch.zeros(len(e), len(ucol)).index_add_(1, cl, (e > 0).float())

@@ -13,11 +13,17 @@ from .errors import NonFiniteError
 
 
 @torch.no_grad()
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``."""
+    # a sum is finite when every entry is (one read, no mask); only a non-finite sum needs the mask
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+@torch.no_grad()
 def check_finite(model: nn.Module) -> None:
     """Raise NonFiniteError naming the first parameter of ``model`` that holds NaN or Inf."""
     for name, p in model.named_parameters():
-        # a sum is finite when every entry is (one read, no mask); only a non-finite sum needs the mask
-        if p.is_meta or not p.is_floating_point() or bool(torch.isfinite(p.sum())) or bool(torch.isfinite(p).all()):
+        if p.is_meta or not p.is_floating_point() or is_finite(p):
             continue
         bad = ~torch.isfinite(p)
         first = tuple(int(i) for i in torch.nonzero(bad)[0]) if p.dim() else ()

@@ -7,6 +7,11 @@ through a temporary file in the target directory, renamed into place. The tempor
 is created first, so a missing or unwritable directory fails before any work, and it is
 removed on every failure: no partial file is ever left behind.
 
+With ``quantize="int8"`` the checked float graph is then quantized by onnxruntime.quantization
+(passes/quantize.py: QDQ, MinMax calibration on the caller's data) and the int8 model is the file
+written, through the same temporary file; the report gives the float-vs-int8 output error and,
+with labelled data, both accuracies.
+
 Exporter: the torch.export-based one (``dynamo=True``, the default of torch 2.13) is tried
 first; it gives a clean graph (no Identity nodes, BatchNorm folded by its optimizer). If it
 cannot capture a model, the TorchScript exporter is the fallback; the report names which
@@ -32,6 +37,8 @@ from .errors import InputError, PathfxError
 from .files import temp_beside
 from .finite import check_finite
 from .modules import cast_floating
+from .quantize import (QUANTIZE, QuantizationReport, accuracy, calibration_batches, int8_error, labelled_batches,
+                       quantize_int8)
 from .shapes import as_tuple
 from .verify import Verification, compare, random_like, run_checked
 
@@ -49,6 +56,7 @@ class ExportReport:
     size_bytes: int = 0
     seconds: float = 0.0
     fallback_reason: str = ""  # why the dynamo exporter was not used, when it was not
+    quantization: QuantizationReport | None = None  # the file is the int8 model when set
 
     @property
     def max_abs(self) -> float | None:
@@ -69,6 +77,8 @@ class ExportReport:
             lines.append(f"dynamo exporter failed, used torchscript: {self.fallback_reason}")
         if self.verification is not None:
             lines.append(str(self.verification))
+        if self.quantization is not None:
+            lines.append(str(self.quantization))
         return "\n".join(lines)
 
 
@@ -225,26 +235,67 @@ def _open_temp(path: str, overwrite: bool) -> str:
     return temp_beside(path, overwrite, suffix=".onnx.tmp")
 
 
+def _check_quantize(quantize, calibration, per_channel: bool, labels) -> None:
+    if quantize is not None and quantize not in QUANTIZE:
+        raise InputError(f"unknown quantize '{quantize}': expected None or one of {', '.join(QUANTIZE)}")
+    if quantize is None:
+        given = [n for n, v in (("calibration", calibration), ("labels", labels)) if v is not None]
+        given += ["per_channel"] if per_channel else []
+        if given:
+            raise InputError(f"{', '.join(given)} given without quantize='int8'")
+
+
+def _quantized(proto, data: bytes, args32: tuple, batches, labelled, per_channel: bool, n_random: int,
+               seed: int) -> tuple[bytes, QuantizationReport]:
+    qdata = quantize_int8(proto, batches, per_channel)
+    run_float, run_int8 = ort_runner(data), ort_runner(qdata)
+    report = QuantizationReport(per_channel, len(batches), sum(b[0].shape[0] for b in batches))
+    inputs = [args32] + random_like(args32, n_random, seed)
+    what = f"the example{f' and {n_random} random input(s)' if n_random else ''}"
+    report.errors.append(int8_error(run_float, run_int8, inputs, what)[0])
+    if labelled:
+        error, fa, qa = int8_error(run_float, run_int8, [args for args, _ in labelled], "the labelled inputs")
+        targets = torch.cat([y for _, y in labelled])
+        report.errors.append(error)
+        report.labelled_samples = len(targets)
+        report.accuracy_float, report.accuracy_int8 = accuracy(fa[0], targets), accuracy(qa[0], targets)
+    return qdata, report
+
+
 def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True, overwrite: bool = False,
                 opset: int | None = None, rtol: float = 1e-4, n_random: int = 2, seed: int = 0,
-                exporter: str = "auto") -> ExportReport:
+                exporter: str = "auto", quantize: str | None = None, calibration=None, per_channel: bool = False,
+                labels=None) -> ExportReport:
     """Export ``model`` (folded into static weights) to ``path`` and check it under onnxruntime.
 
     With ``verify`` the ONNX model and the original model (float32, eval) are compared on the
     example and ``n_random`` random inputs of its shapes; a relative error above ``rtol``
     raises ``VerificationError`` and nothing is written. ``model`` is never modified.
+
+    ``quantize="int8"`` writes the int8 (QDQ) model instead, calibrated on ``calibration`` (a
+    tensor of N samples, or an iterable of batches such as a DataLoader of ``(x, y)``; cut into
+    batches of the example's batch size), weights per tensor or, with ``per_channel``, per output
+    channel. ``report.quantization`` gives the float-vs-int8 error on the example and the random
+    inputs and, with ``labels`` (``(inputs, targets)`` tensors or an iterable of such batches),
+    on those inputs and the accuracy of both models.
     """
     import onnx
 
     start = time.perf_counter()
     args = as_tuple(example_inputs)
     path = os.fspath(path)
+    _check_quantize(quantize, calibration, per_channel, labels)
     check_finite(model)
     tmp = _open_temp(path, overwrite)
+    quantization = None
     try:
+        args32 = cast_floating(args, torch.float32)
+        if quantize:  # the caller's data is read, and refused, before the minutes of an export
+            feeds = tuple(a for a in args32 if torch.is_tensor(a))  # what the ONNX graph takes as inputs
+            batches = calibration_batches(calibration, feeds)
+            labelled = labelled_batches(labels, feeds) if labels is not None else []
         folded, names = fold_for_export(model)
         folded = folded.float()
-        args32 = cast_floating(args, torch.float32)
         run_once(folded, args32)  # a wrong input shape fails here, clearly, before the exporter's traces
         proto, used, reason = export_proto(folded, args32, opset=opset, exporter=exporter)
         try:
@@ -258,6 +309,9 @@ def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True
                 [(f"random input {i}", x) for i, x in enumerate(random_like(args32, n_random, seed))]
             check = compare(torch_runner(model), ort_runner(data), inputs, rtol=rtol,
                             names=("torch", "onnxruntime")).raise_if_failed()
+        if quantize:
+            data, quantization = _quantized(proto, data, args32, batches, labelled, per_channel, n_random, seed)
+            proto = onnx.load_from_string(data)
         with open(tmp, "wb") as f:
             f.write(data)
         if os.path.exists(path) and not overwrite:  # created while we were exporting
@@ -269,4 +323,4 @@ def export_onnx(model: nn.Module, path: str, example_inputs, verify: bool = True
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportReport(path=path, exporter=used, opset=opset_used, ops=onnx_op_counts(proto), folded=names,
                         verification=check, size_bytes=len(data), seconds=time.perf_counter() - start,
-                        fallback_reason=reason)
+                        fallback_reason=reason, quantization=quantization)

@@ -8,6 +8,7 @@ from passes.errors import (InputError, NonFiniteError, PathfxError, ShapeError, 
 from passes.groupset import RescalingGroups  # noqa: E402
 from passes.onnx_export import ExportReport, export_onnx, onnx_op_counts  # noqa: E402
 from passes.pathnorm import path_norm  # noqa: E402
+from passes.quantize import Int8Error, QuantizationReport  # noqa: E402
 from passes.trace import trace  # noqa: E402
 from passes.verify import Verification, verify  # noqa: E402
 
@@ -20,5 +21,5 @@ from .transform import TransformResult, transform  # noqa: E402
 
 __all__ = ["find_groups", "RescalingGroups", "enorm", "optim", "reparameterize", "ReparamReport", "transform",
            "TransformResult", "Plan", "PlanMismatchError", "verify", "Verification", "export_onnx", "ExportReport",
-           "onnx_op_counts", "path_norm", "trace", "PathfxError", "TraceError", "ShapeError", "InputError",
-           "NonFiniteError", "VerificationError"]
+           "QuantizationReport", "Int8Error", "onnx_op_counts", "path_norm", "trace", "PathfxError", "TraceError",
+           "ShapeError", "InputError", "NonFiniteError", "VerificationError"]

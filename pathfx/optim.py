@@ -52,7 +52,7 @@ class ENormTrainingReport:
     left_out: list[LeftOut] = field(default_factory=list)
     steps: int = 0
     cycles: int = 0
-    objective: float | None = None  # Σ|w|^p over the groups' layers before the last cycle (free to measure)
+    objective: float | None = None  # Σ|w|^p (p = ∞: max|w|) over the groups' layers before the last cycle
     dead: dict[int, int] = field(default_factory=dict)  # group -> dead variables in the last cycle
 
     def __str__(self) -> str:
@@ -138,7 +138,7 @@ class ENorm:
         bal.cycle(st, self.p, self.c)
         bal.apply(st, self._states)
         self.report.cycles += 1
-        self.report.objective = float(st.totals.sum())
+        self.report.objective = st.objective
         self.report.dead = {gid: int(m.sum()) for gid, m in st.dead.items() if bool(m.any())}
         self.last_factors = {gid: d.double().numpy() for gid, d in st.factors.items()}
         return True

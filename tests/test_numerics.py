@@ -181,18 +181,22 @@ def test_extreme_per_layer_scales_are_rebalanced():
         assert pathfx.transform(model, x, mode=mode).verification.max_rel <= 1e-10
 
 
-def test_beyond_float64_energy_is_a_clear_error():
-    """Factors of 1e±100 give weights near 1e200: |w|^2 overflows float64, and ENorm says so rather
-    than returning a wrong balance. The path form needs no energies and still verifies."""
+def test_beyond_float64_energy_balances_in_the_log_domain():
+    """Factors of 1e±100 give weights near 1e200: |w|^2 overflows float64, so ENorm continues in the
+    log domain and reaches the balanced point of the unscaled network; the path form needs no
+    energies and verifies too."""
     base, x = plain_cnn(), x64()
     model = rescaled(base, x, 100)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters()) and spread(model) > 250
-    with pytest.raises(NonFiniteError, match=r"parameter '\d\.weight' overflows when raised to the power p=2"):
-        pathfx.enorm(model, x)
-    with pytest.raises(NonFiniteError, match="overflows"):
-        pathfx.transform(model, x, mode="balance")
-    r = pathfx.transform(model, x, mode="path")
-    assert r.verification.max_rel <= 1e-10
+    balanced, report = pathfx.enorm(model, x, tol=1e-12)
+    reference, _ = pathfx.enorm(base, x, tol=1e-12)
+    assert report.converged and report.objective[0] == float("inf") and report.log_objective[0] > 709
+    assert spread(balanced) < 8
+    for (n, a), b in zip(balanced.named_parameters(), reference.parameters()):
+        assert rel(a, b) <= 1e-6, n
+    assert pathfx.verify(model, balanced, x).max_rel <= 1e-10
+    for mode in ("balance", "path"):
+        assert pathfx.transform(model, x, mode=mode).verification.max_rel <= 1e-10
 
 
 # -- dead channels ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -46,10 +47,12 @@ def clone(model, opt):
     return twin, twin_opt
 
 
+@pytest.mark.parametrize("p", [2, 4, math.inf])
 @pytest.mark.parametrize("build", [mlp3, cnn])
 @pytest.mark.parametrize("kind", ["momentum+wd", "plain", "nesterov", "adam"])
-def test_step_equals_plain_step_then_balancing(build, kind):
-    """After each step: model == (same step without ENorm) then the same D; the state follows like gradients."""
+def test_step_equals_plain_step_then_balancing(build, kind, p):
+    """After each step: model == (same step without ENorm) then the same D; the state follows like
+    gradients. p = 2 runs on plain numbers, 4 and ∞ in the log domain."""
     model = build()
     make = {"momentum+wd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
             "plain": lambda ps: torch.optim.SGD(ps, lr=0.05),
@@ -57,7 +60,7 @@ def test_step_equals_plain_step_then_balancing(build, kind):
             "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True)}[kind]
     opt = make(model.parameters())
     data = batches(model, 6)
-    enorm = ENorm(model, opt, data[0][0])
+    enorm = ENorm(model, opt, data[0][0], p=p)
     assert len(enorm.report.groups) == 2 and not enorm.report.left_out
     moved = []
     for x, y in data:
@@ -151,6 +154,6 @@ def test_unsupported_optimizer_and_options():
     with pytest.raises(InputError, match="RMSprop"):
         ENorm(model, torch.optim.RMSprop(model.parameters()), x)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for kw in ({"every": 0}, {"p": -2}, {"c": 0.0}):
+    for kw in ({"every": 0}, {"p": -2}, {"p": 0.5}, {"c": 0.0}):
         with pytest.raises(InputError):
             ENorm(model, opt, x, **kw)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 import pathfx
 from passes.errors import InputError
 
@@ -22,9 +24,30 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", choices=["per-block", "global"], help="path mode: which groups to reparameterize")
     p.add_argument("--cycles", type=int, help="balance mode: ENorm cycles (default: until --tol)")
     p.add_argument("--n-random", type=int, default=8, help="random inputs the verification adds to the example")
+    p.add_argument("--quantize", choices=["int8"], help="--export writes the int8 model (onnxruntime.quantization, "
+                                                        "QDQ, MinMax calibration)")
+    p.add_argument("--per-channel", action="store_true", help="--quantize: weight scales per output channel "
+                                                              "(default: one per tensor)")
+    p.add_argument("--calibration", type=int, default=16, metavar="N",
+                   help="--quantize: calibrate on N batches — the example input and N-1 standard normal batches "
+                        "of its shape (default 16). Random inputs exercise the export, they do not stand for a "
+                        "deployment's data: calibrate on real data through pathfx.export_onnx(calibration=...)")
+
+
+def calibration_inputs(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The example followed by n - 1 standard normal batches of its shape (their own generator: not the
+    verification's random inputs)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.cat([x] + [torch.randn(x.shape, generator=g) for _ in range(n - 1)])
 
 
 def run(args) -> int:
+    if (args.quantize or args.per_channel) and not args.export:
+        raise InputError("--quantize and --per-channel apply to the --export file: pass --export FILE")
+    if args.per_channel and not args.quantize:
+        raise InputError("--per-channel needs --quantize int8")
+    if args.calibration < 1:
+        raise InputError(f"--calibration must be at least 1 (got {args.calibration})")
     for path in (args.plan_out, args.export):  # refuse before any work, not after minutes of it
         if path and os.path.exists(path) and not args.force:
             raise InputError(f"output file '{path}' exists (use --force to overwrite)")
@@ -40,7 +63,11 @@ def run(args) -> int:
         write_atomic(args.plan_out, result.plan.to_json(indent=1), force=args.force)
         print(f"\nplan written to {args.plan_out}")
     if args.export:
-        rep = pathfx.export_onnx(result.model, args.export, x, overwrite=args.force)
+        quant = dict(quantize=args.quantize, calibration=calibration_inputs(x, args.calibration, args.seed),
+                     per_channel=args.per_channel) if args.quantize else {}
+        rep = pathfx.export_onnx(result.model, args.export, x, overwrite=args.force, **quant)
         print(f"\nONNX: {args.export} ({rep.exporter} exporter, opset {rep.opset}, {sum(rep.ops.values())} nodes): "
               f"onnxruntime vs torch max rel error {rep.max_rel:.2e} (float32)")
+        if rep.quantization is not None:
+            print(rep.quantization)
     return code
