@@ -45,6 +45,18 @@ class Data:
         """Shape of one batch of one example, as the zoo registry gives it."""
         return (1,) + tuple(self.train[0].shape[1:])
 
+    def split(self, fraction: float = 0.2, seed: int = SPLIT_SEED) -> tuple["Data", "Data"]:
+        """(train, validation): the training split cut in two, stratified by label, with a fixed seed;
+        each is a Data whose ``test`` is the validation part (the learning rate is chosen on it, never
+        on the test set)."""
+        from sklearn.model_selection import train_test_split
+
+        x, y = self.train
+        keep, val = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y.numpy(), random_state=seed)
+        keep, val = torch.as_tensor(np.sort(keep)), torch.as_tensor(np.sort(val))
+        return Data(self.name, (x[keep], y[keep]), (x[val], y[val]), self.num_classes), \
+            Data(f"{self.name} validation", (x[val], y[val]), (x[val], y[val]), self.num_classes)
+
     def loaders(self, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False):
         """(train, test) DataLoaders; the train order is a function of ``seed`` only, the test order is fixed."""
         g = torch.Generator().manual_seed(seed)

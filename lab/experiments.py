@@ -1,8 +1,10 @@
 """The reproduction report behind `pathfx experiments`: the papers' experiments at CPU size, one markdown
 file with its figures.
 
-1. The four training methods of lab.train on an MLP, a PlainNet and a ResNet, on scikit-learn's digits,
-   several seeds: final test error and time per step (pbn §5.1 Table 1, enorm §6).
+1. The training methods of lab.train (SGD without normalisation, SGD+BN, ENorm, G-SGD+BN, G-SGD+P-BN) on
+   a PlainNet on scikit-learn's digits and on an MLP, a CNN and a deep plain CNN on MNIST-1D: the learning
+   rate of each method chosen from its plan's grid on a validation split of the training data, then
+   several seeds at that rate: final test error and time per step (pbn §5.1 Table 1, enorm §6).
 2. BN vs P-BN at initialisation: σ and gradient norm per layer of a stacked CNN (pbn §5.2, `pathfx observe`).
 3. ENorm re-balancing a deliberately unbalanced 20-layer MLP (enorm Annex A, `pathfx enorm --plot`).
 4. What the numbers say about the papers' claims (the sentences are written in pathfx/experiments_md.py).
@@ -30,9 +32,9 @@ from pathfx.commands import write_atomic
 
 from .experiments_md import duration, markdown
 from .plots import curves
-from .train import COLUMNS, METHODS, TrainResult, build_model, train
+from .train import COLUMNS, METHODS, LrSearch, TrainResult, build_model, search_lr, train
 
-MODELS = ("pbn_mlp", "plainnet18", "resnet18_cifar")
+MODELS = ("plainnet18", "mnist1d_mlp", "mnist1d_cnn", "mnist1d_plain")
 MIN_ANNEX_LAYERS = 12  # Annex A scales layers 6 and 12
 
 
@@ -40,8 +42,9 @@ MIN_ANNEX_LAYERS = 12  # Annex A scales layers 6 and 12
 class Config:
     models: tuple = MODELS
     methods: tuple = METHODS
-    seeds: tuple = (0, 1, 2)
-    epochs: int = 15
+    seeds: tuple = (0, 1, 2, 3, 4)
+    epochs: int = 20
+    lr_search: bool = True  # each method's lr from its plan's grid, on a validation split (seed of the first run)
     size: int = 16  # height and width of the digits seen by convnets (the images are 8×8)
     max_steps: int | None = None
     observe_depth: int = 50  # pbn §5.2: 50 layers of 128 channels, batch 128
@@ -76,7 +79,9 @@ class ModelRuns:
     shape: tuple  # (C, H, W) of the training images
     convolutional: bool
     num_classes: int
+    data: str = "digits"
     runs: dict[str, list[TrainResult]] = field(default_factory=dict)  # method -> one result per seed
+    search: dict[str, LrSearch] = field(default_factory=dict)  # method -> its learning-rate search
     wall: dict[str, list[float]] = field(default_factory=dict)  # method -> seconds of each run, set-up included
     seconds: float = 0.0
 
@@ -109,31 +114,49 @@ class Report:
 
 # -- running ---------------------------------------------------------------------------------------------------
 
-def image_shape(name: str, width: int | None, size: int) -> tuple[tuple, bool]:
-    """((C, H, W) a model trains on, whether it has convolutions): its registered input, at ``size``×``size``
-    for a convnet (global pooling takes any size, and 8×8 digits upsampled to 32×32 only quadruple the cost);
-    an MLP's first layer fixes its input size."""
+def dataset_of(name: str) -> str:
+    """MNIST-1D for the 1-D models (a 1×40 input), digits for every other."""
     import zoo
 
-    c, h, w = zoo.lookup(name).input_shape[1:]
+    return "mnist1d" if tuple(zoo.lookup(name).input_shape[1:]) == (1, 40) else "digits"
+
+
+def image_shape(name: str, width: int | None, size: int) -> tuple[tuple, bool]:
+    """(input shape a model trains on, whether it has convolutions): its registered input, at ``size``×``size``
+    for a 2-D convnet on digits (global pooling takes any size, and 8×8 digits upsampled to 32×32 only
+    quadruple the cost); an MLP's first layer, or MNIST-1D's 40 samples, fix the others."""
+    import zoo
+
+    shape = tuple(zoo.lookup(name).input_shape[1:])
     convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in build_model(name, width).modules())
-    return ((c, size, size) if convs else (c, h, w)), convs
+    return ((shape[0], size, size) if convs and len(shape) == 3 else shape), convs
 
 
 def train_model(name: str, cfg: Config, log) -> ModelRuns:
-    from .data import digits
+    from .data import load
     from .train import default_width
 
     start = time.perf_counter()
     width = default_width(name)
     shape, convs = image_shape(name, width, cfg.size)
-    data = digits(shape)
-    out = ModelRuns(name, width, shape, convs, data.num_classes)
+    kind = dataset_of(name)
+    data = load(kind, shape=shape)
+    out = ModelRuns(name, width, shape, convs, data.num_classes, kind)
     for method in cfg.methods:
+        lr = None
+        if cfg.lr_search:
+            t = time.perf_counter()
+            found = search_lr(name, method, data, cfg.epochs, seed=cfg.seeds[0], width=width,
+                              max_steps=cfg.max_steps)
+            found.result.model = None
+            out.search[method], lr = found, found.lr
+            grid = ", ".join(f"{g:g}: {'diverged' if e is None else f'{100 * e:.1f}%'}"
+                             for g, e in found.validation_error.items())
+            log(f"{name} {method}: lr {lr:g} chosen on validation ({grid}), {time.perf_counter() - t:.0f} s")
         for seed in cfg.seeds:
             t = time.perf_counter()
             r = train(name, method, data, cfg.epochs, seed=seed, width=width, progress=False,
-                      max_steps=cfg.max_steps)
+                      max_steps=cfg.max_steps, lr=lr)
             r.model = None  # 36 trained models need not stay in memory
             out.runs.setdefault(method, []).append(r)
             out.wall.setdefault(method, []).append(time.perf_counter() - t)
@@ -176,7 +199,7 @@ def annex_a(cfg: Config):
     import pathfx
 
     model = unbalanced_mlp(cfg.annex_layers, cfg.annex_width)
-    _, report = pathfx.enorm(model, torch.randn(1, cfg.annex_width, dtype=torch.float64), tol=1e-10)
+    _, report = pathfx.enorm(model, torch.randn(1, cfg.annex_width, dtype=torch.float64))
     return report
 
 

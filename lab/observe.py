@@ -56,6 +56,7 @@ def observe(depth=50, width=128, batch=128, size=32, seed=0, x=None, y=None) -> 
     """``x``, ``y``: a real mini-batch (the paper's first CIFAR-10 batch) instead of random images and labels;
     its shape then replaces ``batch`` and ``size``."""
     import pathfx
+    from pathfx.reparam import OFFDIAG_SCALE
     from zoo.plain import StackedCNN
 
     torch.manual_seed(seed)
@@ -66,7 +67,8 @@ def observe(depth=50, width=128, batch=128, size=32, seed=0, x=None, y=None) -> 
     path, _ = pathfx.reparameterize(model, x[:2], pbn=True, init="paper")
     bn_sigma, bn_grad = measure(fx.symbolic_trace(model), x, y)
     pbn_sigma, pbn_grad = measure(path, x, y)
-    return {"bn_sigma": bn_sigma, "pbn_sigma": pbn_sigma, "bn_log_grad": bn_grad, "pbn_log_grad": pbn_grad}
+    return {"bn_sigma": bn_sigma, "pbn_sigma": pbn_sigma, "bn_log_grad": bn_grad, "pbn_log_grad": pbn_grad,
+            "offdiag_scale": OFFDIAG_SCALE}
 
 
 def to_csv(res) -> str:
@@ -99,11 +101,25 @@ def to_png(res) -> bytes:
     return buf.getvalue()
 
 
+def sigma_growth(sigmas: list[float]) -> float:
+    """Slope of the least-squares line of σ against the layer, over the P-BN layers (layer 1 reads the
+    input: no red weight, an ordinary BN in both networks)."""
+    s = sigmas[1:] if len(sigmas) > 2 else sigmas
+    n = len(s)
+    if n < 2:
+        return 0.0
+    mx, my = (n - 1) / 2, sum(s) / n
+    return sum((i - mx) * (v - my) for i, v in enumerate(s)) / sum((i - mx) ** 2 for i in range(n))
+
+
 def summary(res) -> str:
     def growth(g):  # per layer, from the last layer back to the first
         return (g[0] - g[-1]) / max(len(g) - 1, 1)
+    pbn = res["pbn_sigma"]
     return (f"BN: sigma < 1 in {sum(s < 1 for s in res['bn_sigma'])}/{len(res['bn_sigma'])} layers, "
             f"mean sigma {sum(res['bn_sigma']) / len(res['bn_sigma']):.3g}; "
-            f"P-BN: mean sigma {sum(res['pbn_sigma']) / len(res['pbn_sigma']):.3g}\n"
+            f"P-BN (red weights +1, off-red He-normal x {res['offdiag_scale']:g}): sigma {pbn[1 if len(pbn) > 2 else 0]:.3g} "
+            f"at its first P-BN layer -> {pbn[-1]:.3g} at layer {len(pbn)}, growth {sigma_growth(pbn):+.4f} per "
+            f"layer, sigma > 1 in {sum(s > 1 for s in pbn[1:])}/{max(len(pbn) - 1, 1)} P-BN layers\n"
             f"ln gradient norm, growth per layer towards the input: BN {growth(res['bn_log_grad']):.4f}, "
             f"P-BN {growth(res['pbn_log_grad']):.4f}")

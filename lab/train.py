@@ -1,23 +1,28 @@
-"""Training harness: one of the four methods of the papers on a model and a dataset, on CPU.
+"""Training harness: the methods of the papers on a model and a dataset, on CPU.
 
 Methods (what is trained, and by which plan):
 
-* ``sgd``: the model as built, with its conventional BatchNorms, by plain SGD + momentum (plan ``sgd``).
-* ``enorm``: ``transform(mode="balance", plan="enorm")``, then SGD with one ENorm cycle after every step.
-  The balanced model has its BatchNorms folded into the layers before them, so it trains without BN
-  (enorm-iclr2019 trains without BN except one after the last layer; here there is none at all).
+* ``plain``: SGD without normalisation, the ENorm paper's Baseline: the model with its BatchNorms folded
+  away (a convolutional net keeping the one BatchNorm after its classifier, as the paper's Baseline and
+  ENorm do), trained with the ENorm plan's optimizer and schedule but no ENorm cycle.
+* ``sgd``: the model as built, with its conventional BatchNorms, by SGD + momentum (plan ``sgd``).
+* ``enorm``: ``transform(mode="balance", plan="enorm")``, then SGD with one ENorm cycle after every step
+  (enorm-iclr2019 Alg. 2; a convolutional net trains with one BatchNorm after its classifier, §6.2–6.3).
 * ``gsgd``: ``transform(mode="path", plan="gsgd", init="paper")``: SGD on the path values with P-BN.
 * ``gsgd-bn``: G-SGD with conventional BatchNorm, the ablation of pbn-iclr2020:
   ``transform(mode="path", pbn=False, init="paper")``.
 
 ``init="paper"`` re-initializes the model for training from scratch, so the rewritten model is not the
-original function: those transforms run with ``verify=False``.
+original function: those transforms run with ``verify=False``. Every run ends with the plan's
+``finalize`` (running statistics recomputed over the training data) before its final test error.
+``search_lr`` picks the learning rate from the plan's grid on a validation split of the training data.
 
 A seed fixes the model initialisation, the data order and the augmentation.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +36,7 @@ from pathfx import InputError
 
 from .data import Data, load, random_crop_flip
 
-METHODS = ("sgd", "enorm", "gsgd", "gsgd-bn")
+METHODS = ("plain", "sgd", "enorm", "gsgd-bn", "gsgd")
 CPU_WIDTH_DIVISOR = 8  # default width: the model's own width / 8, so that a default run takes minutes on a CPU
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "lr")
 
@@ -96,6 +101,9 @@ def prepare(model: nn.Module, method: str, x: torch.Tensor, name: str = ""):
     if method == "enorm":
         r = pathfx.transform(model, x, mode="balance", plan="enorm", name=name)
         return r.model, r.plan
+    if method == "plain":  # the ENorm plan's network and settings, the cycle switched off
+        r = pathfx.transform(model, x, mode="balance", plan="enorm", cycles=0, name=name)
+        return r.model, dataclasses.replace(r.plan, kind="sgd", enorm=None)
     if method in ("gsgd", "gsgd-bn"):
         r = pathfx.transform(model, x, mode="path", plan="gsgd", init="paper", pbn=method == "gsgd", verify=False,
                              name=name)
@@ -208,10 +216,57 @@ def train(model_name_or_module, method: str, data, epochs: int, batch_size: int 
             log(row)
         if result.stopped or step >= total:
             break
+    if result.rows and not result.stopped:  # the plan's last step: running statistics of the trained weights
+        plan.finalize(model, train_loader)
+        test_loss, test_acc = evaluate(model, test_loader)
+        result.rows[-1].update(test_loss=test_loss, test_acc=test_acc)
     result.steps = step
     result.seconds_per_step = step_seconds / max(step, 1)
     result.test_error = 1.0 - result.rows[-1]["test_acc"] if result.rows else None
     return result
+
+
+@dataclass
+class LrSearch:
+    grid: list[float]
+    validation_error: dict[float, float | None]  # lr -> final validation error (None: the run diverged)
+    lr: float  # the chosen one: lowest validation error, the smaller lr on a tie
+    result: TrainResult  # the chosen run, its test error measured on the test set
+    validation_size: int
+
+
+def lr_grid(model_name_or_module, method: str, data: Data, width: int | None = None) -> list[float]:
+    """The learning rates of ``method``'s plan (its ``lr_grid``)."""
+    model = build_model(model_name_or_module, width) if isinstance(model_name_or_module, str) \
+        else model_name_or_module
+    _, plan = prepare(model, method, data.train[0][:1].clone(), "")
+    return list(plan.schedule["lr_grid"])
+
+
+def search_lr(model_name_or_module, method: str, data: Data, epochs: int, seed: int = 0,
+              width: int | None = None, fraction: float = 0.2, log=None, **kw) -> LrSearch:
+    """Train with every learning rate of the plan's grid on the training data minus a validation split
+    (``Data.split``); pick the one with the lowest final validation error; return it with its run, whose
+    test error is measured on ``data``'s test set. The test set plays no part in the choice."""
+    fit, val = data.split(fraction)
+    grid = lr_grid(model_name_or_module, method, data, width)
+    errors, runs = {}, {}
+    for lr in grid:
+        model = model_name_or_module if isinstance(model_name_or_module, str) else copy.deepcopy(model_name_or_module)
+        r = train(model, method, fit, epochs, lr=lr, seed=seed, width=width, progress=False, **kw)
+        errors[lr] = r.test_error if r.ok else None
+        runs[lr] = r
+        if log is not None:
+            log(lr, errors[lr])
+    finished = [lr for lr in grid if errors[lr] is not None]
+    if not finished:
+        raise pathfx.PathfxError(f"{method}: every learning rate of the grid {grid} diverged")
+    best = min(finished, key=lambda lr: (errors[lr], lr))
+    chosen = runs[best]
+    test_loss, test_acc = evaluate(chosen.model, data.loaders(256)[1])
+    chosen.rows[-1].update(test_loss=test_loss, test_acc=test_acc)
+    chosen.test_error = 1.0 - test_acc
+    return LrSearch(grid, errors, best, chosen, len(val.train[1]))
 
 
 def _bar(loader, progress: bool, desc: str):

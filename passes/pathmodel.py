@@ -203,7 +203,9 @@ def fuse_pbn(gm: fx.GraphModule, report: ReparamReport, fold_report: FoldReport)
 
 # pathfx's choice for init="paper" (the papers say only "small random values", pbn §5.2 and D.3): the
 # off-red entries of a layer with red weights are He-normal (std sqrt(2 / fan_in)) times this factor.
-OFFDIAG_SCALE = float(__import__("os").environ.get("PATHFX_OFFDIAG", "0.1"))
+# With it the σ that P-BN normalises rises with depth and passes 1 within the first third of a 50-layer
+# stack (pbn §5.2's observation; 0.1 never reaches 1 there); docs/experiments.md §2 shows the curve.
+OFFDIAG_SCALE = 0.3
 
 
 @torch.no_grad()

@@ -337,10 +337,12 @@ def _magnitudes(plan: ReparamPlan, module, solver) -> np.ndarray:
 
 
 def in_range(plan: ReparamPlan, module, solver, dtype: torch.dtype) -> bool:
-    """Do the path model's values fit ``dtype`` with a margin of 2^10 at both ends?"""
+    """Do the path model's values, and the product of any two of them, fit ``dtype`` with a margin of 2^10 at
+    both ends? Training multiplies them in pairs: the gradient through u = V / b carries 1 / b, the units
+    of a converted layer (passes.pathnn) multiply by a factor and divide by another."""
     info = torch.finfo(dtype)
     mags = _magnitudes(plan, module, solver)
-    return not mags.size or (mags.min() >= info.tiny * 2 ** 10 and mags.max() <= info.max * 2 ** -10)
+    return not mags.size or (mags.min() >= (info.tiny * 2 ** 10) ** 0.5 and mags.max() <= (info.max * 2 ** -10) ** 0.5)
 
 
 @torch.no_grad()

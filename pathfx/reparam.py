@@ -11,11 +11,11 @@ import torch.nn as nn
 
 from passes.manager import run_pipeline
 from passes.modules import cast_floating, float64_copy
-from passes.pathmodel import INITS, ReparamReport
+from passes.pathmodel import INITS, OFFDIAG_SCALE, ReparamReport
 from passes.shapes import as_tuple
 from passes.soundness import outputs, rel_error
 
-__all__ = ["reparameterize", "ReparamReport", "INITS"]
+__all__ = ["reparameterize", "ReparamReport", "INITS", "OFFDIAG_SCALE"]
 
 
 def reparameterize(model: nn.Module, example_inputs, policy: str = "per-block", pbn: bool = True,

@@ -31,7 +31,9 @@ def test_tiny_report_has_tables_figures_and_stopped_runs(tmp_path, monkeypatch):
     report = experiments.run(TINY, str(out), command="pathfx experiments --tiny", log=lambda line: None)
     text = out.read_text()
     for needle in ("`pathfx experiments --tiny`", "| seeds | 0, 1 |", "total wall time", "logical cores",
-                   "## 1. Four training methods", "| model | method | paper's name | test error % (mean ± std)",
+                   "## 1. Training methods", "| model | method | paper's name | test error % (mean ± std)",
+                   "### Learning rates chosen on validation", "| plainnet18 | `gsgd` | ", "0.5: ",
+                   "| claim | source | measured (mean test error, or as stated) | verdict |",
                    "| model | width | input | method | batch | lr |", "## 2. BN vs P-BN",
                    "| layer | BN σ | P-BN σ |", "## 3. ENorm re-balancing", "| layer 6 (× 1.2) energy |",
                    "## 4. What reproduces and what does not", "pbn F.4", "enorm Annex A"):

@@ -1,4 +1,4 @@
-"""`pathfx train --model M --plan P`: train a model with one of the four methods; a CSV log and a PNG of the curves."""
+"""`pathfx train --model M --plan P`: train a model with one of the lab's methods; a CSV log and a PNG of the curves."""
 from __future__ import annotations
 
 import io
@@ -7,19 +7,23 @@ import os
 from pathfx import InputError
 from pathfx.commands import write_atomic
 
-from ..data import DATASETS
+from ..data import DATASETS, load
 from ..plots import curves
-from ..train import COLUMNS, CPU_WIDTH_DIVISOR, default_width, train
+from ..train import COLUMNS, CPU_WIDTH_DIVISOR, METHODS, default_width, search_lr, train
 
 NAME = "train"
-HELP = "train a model with sgd (+BN), enorm, gsgd (+P-BN) or gsgd-bn on digits, MNIST-1D, synthetic data or CIFAR-10"
+HELP = ("train a model with plain SGD, sgd (+BN), enorm, gsgd (+P-BN) or gsgd-bn on digits, MNIST-1D, synthetic "
+        "data or CIFAR-10")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="zoo or torchvision model name, e.g. plainnet18")
-    p.add_argument("--plan", required=True, choices=["sgd", "enorm", "gsgd", "gsgd-bn"],
-                   help="sgd: SGD + BN; enorm: balanced, ENorm after each step; gsgd: G-SGD + P-BN; "
-                        "gsgd-bn: G-SGD with conventional BN")
+    p.add_argument("--plan", required=True, choices=METHODS,
+                   help="plain: SGD without normalisation (the ENorm paper's Baseline); sgd: SGD + BN; enorm: "
+                        "balanced, ENorm after each step; gsgd: G-SGD + P-BN; gsgd-bn: G-SGD with conventional BN")
+    p.add_argument("--lr-search", action="store_true",
+                   help="train once per learning rate of the plan's grid on 80%% of the training data, keep the "
+                        "lr with the lowest error on the other 20%% (never the test set), report that run")
     p.add_argument("--data", default="digits",
                    help="digits (default), mnist1d (the mnist1d_* models), synthetic or cifar10 (needs --cifar-dir)")
     p.add_argument("--epochs", type=int, default=10)
@@ -54,9 +58,24 @@ def run(args) -> int:
 
     print(f"train {args.model} (width {width if width is not None else 'default'}) with {args.plan} on {args.data}, "
           f"{args.epochs} epochs, seed {args.seed}")
-    _print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths)))
-    r = train(args.model, args.plan, args.data, args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-              width=width, progress=not args.no_progress, log=log, cifar_dir=args.cifar_dir)
+    if args.lr_search:
+        if args.lr is not None:
+            raise InputError("--lr-search chooses the learning rate: give --lr or --lr-search, not both")
+        import zoo
+
+        data = load(args.data, shape=tuple(zoo.lookup(args.model).input_shape[1:]), root=args.cifar_dir,
+                    seed=args.seed)
+        found = search_lr(args.model, args.plan, data, args.epochs, seed=args.seed, width=width,
+                          batch_size=args.batch_size, cifar_dir=args.cifar_dir,
+                          log=lambda lr, err: _print(f"  lr {lr:g}: validation error "
+                                                     f"{'diverged' if err is None else f'{100 * err:.2f}%'}"))
+        print(f"learning rate {found.lr:g}, chosen on a validation split of {found.validation_size} training "
+              f"examples from {', '.join(f'{lr:g}' for lr in found.grid)}")
+        r = found.result
+    else:
+        _print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths)))
+        r = train(args.model, args.plan, args.data, args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  seed=args.seed, width=width, progress=not args.no_progress, log=log, cifar_dir=args.cifar_dir)
     s = r.settings
     print(f"\n{r.steps} steps of batch {s['batch_size']}, lr {s['lr']:g} ({s['schedule']}), "
           f"{r.seconds_per_step:.3f} s per step")
