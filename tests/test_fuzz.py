@@ -232,6 +232,6 @@ def test_strategy_coverage_and_printed_code():
                 "gap mean amax", "nn.BatchNorm2d nn.BatchNorm1d", "train", "eval-bn", "add sub", "learned", "cat",
                 "slice chunk split", "gate fgate", "flatten view nn.Flatten", "scale div neg", "shift", "pad",
                 "nearest bilinear", "relu_ relu_inplace iadd", "pw", "BNActReLU", "BNActSiLU", "FrozenBN", "Blur",
-                "FLinear", "ghost", "partial"]
+                "FLinear", "ghost", "partial", "DataGate"]
     missing = [r for r in required if not features & set(r.split())]
     assert not missing, missing
