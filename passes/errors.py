@@ -12,10 +12,6 @@ class TraceError(PathfxError):
 class GraphMismatch(TraceError):
     """The traced graph does not compute what the model's forward computes on the example input."""
 
-    def __init__(self, message: str, difference: str = ""):
-        super().__init__(message)
-        self.difference = difference  # how the outputs differ
-
 
 class ShapeError(PathfxError):
     """The model's forward failed on the example inputs."""

@@ -40,6 +40,7 @@ KEEP = (aten.linear.default, aten.prelu.default, aten._prelu_kernel.default,
         aten.upsample_linear1d.vec, aten.upsample_trilinear3d.vec,
         aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.reflection_pad3d.default,
         aten.replication_pad1d.default, aten.replication_pad2d.default, aten.replication_pad3d.default,
+        aten._pad_circular.default,
         aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
         aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default,
         aten.hardswish.default, aten.hardsigmoid.default, aten.silu.default, aten.mish.default, aten.softplus.default)

@@ -185,6 +185,9 @@ SPELLINGS = {F.batch_norm: _batch_norm, **{f: _layer for f in LAYER_CALLS},
 
 # -- the per-channel affine computed from buffers (torchvision's FrozenBatchNorm2d) -------------
 
+ADDS, MULS = (operator.add, aten.add.Tensor), (operator.mul, aten.mul.Tensor)  # fx's spelling and ATen's
+
+
 def constant(gm, node, seen=None) -> bool:
     """True when ``node`` depends on no graph input and on no parameter (buffers and literals only)."""
     seen = {} if seen is None else seen
@@ -223,11 +226,11 @@ def _frozen_affines(gm) -> int:
     parameters do not train (they were buffers): a diagonal layer for the analysis, folded like a BN."""
     seen, cache, done = {}, {}, 0
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target is operator.add and len(node.args) == 2):
+        if not (node.op == "call_function" and node.target in ADDS and len(node.args) == 2 and not node.kwargs):
             continue
-        prod, shift = node.args if isinstance(node.args[0], fx.Node) and node.args[0].target is operator.mul \
+        prod, shift = node.args if isinstance(node.args[0], fx.Node) and node.args[0].target in MULS \
             else node.args[::-1]
-        if not (isinstance(prod, fx.Node) and prod.op == "call_function" and prod.target is operator.mul
+        if not (isinstance(prod, fx.Node) and prod.op == "call_function" and prod.target in MULS
                 and len(prod.users) == 1 and isinstance(shift, fx.Node) and constant(gm, shift, seen)):
             continue
         x, scale = prod.args if not constant(gm, prod.args[0], seen) else prod.args[::-1]

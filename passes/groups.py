@@ -160,9 +160,10 @@ class _Context:
             if n.op == "get_attr" and not all(layer_use(n, u) for u in n.users):
                 out.add(n.target)
                 out.update(f"{n.target}.{p}" for p, _ in _named_params(self.gm, n.target))
-        # An opaque leaf may use, inside, a parameter that a layer of the graph uses too (a shared
-        # module): that layer's rows and columns cannot move without changing what the leaf computes.
-        hidden = {id(p) for n in self.gm.graph.nodes if n.op == "call_module" and self.opaque(n)
+        # A module called whole without a rule (an opaque leaf) may use, inside, a parameter that a layer
+        # of the graph uses too (a shared module): that layer's rows and columns cannot move without
+        # changing what the module computes.
+        hidden = {id(p) for n in self.gm.graph.nodes if n.op == "call_module" and self.key(n) not in rules.RULES
                   for p in self.modules[n.target].parameters()}
         if hidden:
             out.update(name for name, p in self.gm.named_parameters(remove_duplicate=False) if id(p) in hidden)

@@ -85,8 +85,8 @@ def culprit(model, gm: fx.GraphModule, args: tuple) -> tuple[str, str] | None:
     return None
 
 
-def retrace_around(model, gm: fx.GraphModule, example_inputs, error) -> fx.GraphModule | None:
-    """The model traced again with the submodule to blame for ``error`` (a GraphMismatch of ``gm``) kept
+def retrace_around(model, gm: fx.GraphModule, example_inputs) -> fx.GraphModule | None:
+    """The model traced again with the submodule to blame for ``gm``'s difference from the forward kept
     opaque, when ``gm`` was traced with automatic leaves and the culprit is found; else None."""
     leaves = gm.meta.get("leaves")
     if not leaves or not leaves["auto"]:

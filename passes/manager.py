@@ -8,7 +8,7 @@ every pass that declares them; a pipeline may fix defaults of its own (``PIPELIN
 
 The model's way through the standard pipelines::
 
-    model ──trace──▶ gm (the traced graph; its leaves are the model's modules)
+    model ──trace──▶ gm (the traced graph, its leaves the model's modules; or torch.export's ATen graph)
           ──shapes─▶ gm annotated by one real run, checked against model's own forward
           ──fold_bn─▶ gm with eval BatchNorms folded (path: the unfolded trace kept as ``traced``)
           ──groups──▶ groups of gm
@@ -256,8 +256,8 @@ def _shapes_pass(state: PipelineState) -> PipelineState:
         try:
             propagate(state.gm, state.example_inputs, reference=state.model if traced_here else None)
             break
-        except GraphMismatch as e:  # with automatic leaves, the submodule whose graph differs becomes one
-            gm = retrace_around(state.model, state.gm, state.example_inputs, e) if traced_here else None
+        except GraphMismatch:  # with automatic leaves, the submodule whose graph differs becomes one
+            gm = retrace_around(state.model, state.gm, state.example_inputs) if traced_here else None
             if gm is None:
                 raise
             state.gm = gm

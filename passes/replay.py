@@ -319,6 +319,6 @@ def compare(model, want: list, got_out, args: tuple) -> None:
         f"({bad}): torch.fx does not capture an in-place write to a tensor that another "
         f"name also refers to (a view, a slice, an alias), nor control flow on tensor values; write "
         f"that operation out of place, or keep its submodule opaque with leaf_modules=[...] (\"auto\" "
-        f"does so where it can tell which submodule differs)", bad)
+        f"does so where it can tell which submodule differs)")
 
 

@@ -76,7 +76,7 @@ def constant_pad(ctx, node):
 
 
 @rule(*ops("reflection_pad1d.default reflection_pad2d.default reflection_pad3d.default replication_pad1d.default "
-           "replication_pad2d.default replication_pad3d.default"))
+           "replication_pad2d.default replication_pad3d.default _pad_circular.default"))
 def copy_pad(ctx, node):
     return padded(ctx, node, ctx.concrete(node.args[1]), "copy", None)
 

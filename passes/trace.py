@@ -24,7 +24,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch.utils._pytree import tree_leaves
 
 from .errors import InputError, TraceError

@@ -125,6 +125,29 @@ def test_shape_dependent_control_flow_is_followed(tmp_path):
         transform_and_export(model, x, tmp_path, mode)
 
 
+def timm_model(name, size):
+    torch.manual_seed(0)
+    return zoo.build(f"timm:{name}").eval(), torch.randn(1, 3, size, size)
+
+
+def test_export_sees_through_what_fx_keeps_opaque():
+    model, x = timm_model("mobilevit_xxs", 32)
+    fx_groups = pathfx.find_groups(model, x)
+    ex = pathfx.find_groups(model, x, frontend="export")
+    assert len(fx_groups.opaque) == 3 and not ex.opaque
+    assert ex.num_free > fx_groups.num_free > 0  # the convolutions inside the blocks fx keeps opaque
+    assert check_soundness(ex, x, reinit=True).ok
+
+
+@pytest.mark.slow
+def test_a_timm_model_fx_cannot_trace_at_all():
+    model, x = timm_model("crossvit_tiny_240", 240)
+    with pytest.raises(TraceError, match="cannot trace the forward of CrossVit"):
+        pathfx.find_groups(model, x)
+    ex = pathfx.find_groups(model, x, frontend="export")
+    assert ex.num_free == 0 and ex.barriers  # attention and LayerNorm: barriers, each with its reason
+
+
 def test_callers_model_unchanged():
     model, x = shape_branch()
     model.train()

@@ -78,6 +78,7 @@ CASES = [
     ({"aten.replication_pad1d.default"}, nn.ReplicationPad1d(1), nn.ConstantPad1d(1, -2.0), 1),
     ({"aten.replication_pad2d.default"}, nn.ReplicationPad2d(1), nn.ConstantPad2d(1, -2.0), 2),
     ({"aten.replication_pad3d.default"}, nn.ReplicationPad3d(1), nn.ConstantPad3d(1, -2.0), 3),
+    ({"aten._pad_circular.default"}, nn.CircularPad2d(1), nn.ConstantPad2d(1, 0.1), 2),
     # arithmetic
     ({"aten.add.Tensor"}, Fn(lambda h: h + h), Fn(lambda h: h + 1.0), 2),
     ({"aten.sub.Tensor", "aten.mul.Tensor"}, Fn(lambda h: h - 0.5 * h), Fn(lambda h: h - 1.0), 2),
