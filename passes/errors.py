@@ -9,6 +9,10 @@ class TraceError(PathfxError):
     """symbolic_trace could not trace the model."""
 
 
+class GraphMismatch(TraceError):
+    """The traced graph does not compute what the model's forward computes on the example input."""
+
+
 class ShapeError(PathfxError):
     """The model's forward failed on the example inputs."""
 

@@ -10,6 +10,11 @@ folding, P-BN and the path builder handle every spelling as they handle ``nn.Bat
 ``nn.Conv2d`` and ``nn.Linear``. The rewrites are keyed by function in ``SPELLINGS``; a call that
 no entry takes (a BatchNorm in training mode, statistics that are not buffers, a weight shared
 with another op) stays functional, and the rule table decides (a barrier with its reason).
+
+The ATen graph of the export front end (``passes.export``) spells the same layers
+``aten.convolution``, ``aten.linear`` and ``aten._native_batch_norm_legit_no_training`` (the
+last returning a tuple whose first item is the normalised tensor), on ``get_attr`` tensors of
+the model's own names: ``SPELLINGS`` has entries for them too.
 """
 from __future__ import annotations
 
@@ -22,9 +27,19 @@ import torch.nn.functional as F
 
 from .fold_bn import ChannelAffine, set_module
 
-CONV_MODULES = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d,
-                torch.conv1d: nn.Conv1d, torch.conv2d: nn.Conv2d, torch.conv3d: nn.Conv3d}
+aten = torch.ops.aten
+CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # by spatial dims
 BN_MODULES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+# Layer calls on (input, weight, bias, ...): kind and the argument position of conv groups (None: 1).
+LAYER_CALLS = {F.linear: ("linear", None), aten.linear.default: ("linear", None),
+               **{f: ("conv", 6) for f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)},
+               aten.convolution.default: ("conv", 8)}
+
+
+def transposed(node) -> bool:
+    """An ``aten.convolution`` that is a transposed convolution (its weight is (in, out, ...))."""
+    return node.target is aten.convolution.default and (bool(arg(node, 6, "transposed", False)) or
+                                                         any(arg(node, 7, "output_padding", ())))
 
 
 def arg(node, i, name, default=None):
@@ -74,9 +89,10 @@ def _owner(gm, node, tensors) -> str | None:
     return owner if type(gm.get_submodule(owner)) is nn.Module else None
 
 
-def _install(gm, node, owner: str, module: nn.Module, fields: dict) -> None:
+def _install(gm, node, owner: str, module: nn.Module, fields: dict, result=None) -> None:
     """Set ``module`` at ``owner`` with the owner's tensors as ``fields`` and its other members kept,
-    and call it in place of ``node``."""
+    and call it in place of ``node`` (of ``result``, the node that reads ``node``'s tensor output, when
+    ``node`` returns a tuple)."""
     old = gm.get_submodule(owner)
     for name, t in fields.items():
         if t is None:
@@ -92,11 +108,13 @@ def _install(gm, node, owner: str, module: nn.Module, fields: dict) -> None:
         if name not in fields:
             module.register_buffer(name, t)
     set_module(gm, owner, module)
+    result = result or node
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(owner, (node.args[0],))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    new.meta = dict(result.meta)
+    result.replace_all_uses_with(new)
+    for n in (result, node) if result is not node else (node,):
+        gm.graph.erase_node(n)
 
 
 def _batch_norm(gm, node) -> bool:
@@ -120,24 +138,55 @@ def _layer(gm, node) -> bool:
     w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
     owner = _owner(gm, node, [w, b])
     weight, bias = _attr(gm, w), _attr(gm, b)
-    if owner is None or not isinstance(weight, nn.Parameter) or (b is not None and not isinstance(bias, nn.Parameter)):
+    if owner is None or not isinstance(weight, nn.Parameter) or (b is not None and not isinstance(bias, nn.Parameter)) \
+            or transposed(node):
         return False
-    if node.target is F.linear:
+    kind, groups_at = LAYER_CALLS[node.target]
+    if kind == "linear":
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, device="meta")
     else:
-        groups = arg(node, 6, "groups", 1)
-        module = CONV_MODULES[node.target](
-            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=arg(node, 3, "stride", 1),
-            padding=arg(node, 4, "padding", 0), dilation=arg(node, 5, "dilation", 1), groups=groups,
+        groups = arg(node, groups_at, "groups", 1)
+        module = CONV_MODULES[weight.dim() - 2](
+            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=_tuple(arg(node, 3, "stride", 1)),
+            padding=_tuple(arg(node, 4, "padding", 0)), dilation=_tuple(arg(node, 5, "dilation", 1)), groups=groups,
             bias=b is not None, device="meta")
     _install(gm, node, owner, module, {"weight": weight, "bias": bias})
     return True
 
 
-SPELLINGS = {F.batch_norm: _batch_norm, F.linear: _layer, **{f: _layer for f in CONV_MODULES}}
+def _tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _aten_batch_norm(gm, node) -> bool:
+    """``aten._native_batch_norm_legit_no_training(x, weight, bias, mean, var, momentum, eps)``, of which
+    only the first output (the normalised tensor) is read."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+        return False
+    nodes = [arg(node, i, n) for i, n in ((3, "running_mean"), (4, "running_var"), (1, "weight"), (2, "bias"))]
+    owner = _owner(gm, node, nodes)
+    stats = [_attr(gm, s) for s in nodes[:2]]
+    meta = node.args[0].meta.get("tensor_meta")
+    if owner is None or any(s is None or isinstance(s, nn.Parameter) for s in stats) or \
+            (nodes[2] is None) != (nodes[3] is None) or len(getattr(meta, "shape", ())) not in BN_MODULES:
+        return False
+    mean = stats[0]
+    module = BN_MODULES[len(meta.shape)](mean.numel(), eps=arg(node, 6, "eps", 1e-5), momentum=arg(node, 5, "momentum", 0.1),
+                                         affine=nodes[2] is not None, device=mean.device, dtype=mean.dtype)
+    names = ("running_mean", "running_var", "weight", "bias")
+    _install(gm, node, owner, module, {n: _attr(gm, a) for n, a in zip(names, nodes)}, result=users[0])
+    return True
+
+
+SPELLINGS = {F.batch_norm: _batch_norm, **{f: _layer for f in LAYER_CALLS},
+             aten._native_batch_norm_legit_no_training.default: _aten_batch_norm}
 
 
 # -- the per-channel affine computed from buffers (torchvision's FrozenBatchNorm2d) -------------
+
+ADDS, MULS = (operator.add, aten.add.Tensor), (operator.mul, aten.mul.Tensor)  # fx's spelling and ATen's
+
 
 def constant(gm, node, seen=None) -> bool:
     """True when ``node`` depends on no graph input and on no parameter (buffers and literals only)."""
@@ -177,11 +226,11 @@ def _frozen_affines(gm) -> int:
     parameters do not train (they were buffers): a diagonal layer for the analysis, folded like a BN."""
     seen, cache, done = {}, {}, 0
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target is operator.add and len(node.args) == 2):
+        if not (node.op == "call_function" and node.target in ADDS and len(node.args) == 2 and not node.kwargs):
             continue
-        prod, shift = node.args if isinstance(node.args[0], fx.Node) and node.args[0].target is operator.mul \
+        prod, shift = node.args if isinstance(node.args[0], fx.Node) and node.args[0].target in MULS \
             else node.args[::-1]
-        if not (isinstance(prod, fx.Node) and prod.op == "call_function" and prod.target is operator.mul
+        if not (isinstance(prod, fx.Node) and prod.op == "call_function" and prod.target in MULS
                 and len(prod.users) == 1 and isinstance(shift, fx.Node) and constant(gm, shift, seen)):
             continue
         x, scale = prod.args if not constant(gm, prod.args[0], seen) else prod.args[::-1]

@@ -13,11 +13,13 @@ import networkx as nx
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from . import rules
-from .groupset import NO_VAR, Barrier, Consumer, Frozen, Group, Producer, RescalingGroups
+from . import rules, rules_aten  # noqa: F401 (rules_aten: the ATen entries of the table)
+from .functional import LAYER_CALLS
+from .groupset import NO_VAR, OPAQUE, Barrier, Consumer, Frozen, Group, Producer, RescalingGroups
 from .slots import FIXED, NON_TENSOR, Unions, distinct, fixed, is_free
 
 # Non-tensor results computed from tensors that depend only on shapes, not values.
@@ -78,12 +80,14 @@ class _Context:
         if node.op == "call_method":
             return f"method:{node.target}"
         t = node.target
-        if t in rules.RULES or t in rules.BARRIER_REASONS or t in SHAPE_QUERIES:
+        if t in rules.RULES or t in rules.BARRIER_REASONS or t in SHAPE_QUERIES or isinstance(t, torch._ops.OpOverload):
             return t
         return f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
 
     def op_name(self, node) -> str:
         k = self.key(node)
+        if isinstance(k, torch._ops.OpOverload):
+            return str(k)  # aten.relu.default
         return k.__name__ if hasattr(k, "__name__") else str(k).replace("method:", ".")
 
     def is_ancestor(self, a, b) -> bool:
@@ -110,7 +114,13 @@ class _Context:
             self.unions.fix(ids, reason)
 
     def barrier(self, node, reason: str) -> None:
-        self.barriers.append(Barrier(op=self.op_name(node), node=node.name, reason=reason))
+        self.barriers.append(Barrier(op=self.op_name(node), node=node.name, reason=reason,
+                                     module=node.target if node.op == "call_module" else ""))
+
+    def opaque(self, node) -> bool:
+        """A leaf kept opaque (by the caller or because it could not be traced) with no rule for its class."""
+        k = self.key(node) if node.op == "call_module" else None
+        return "opaque" in node.meta and k not in rules.RULES and k not in rules.BARRIER_REASONS
 
     def event(self, node, tag, ids) -> None:
         if is_free(ids):
@@ -138,7 +148,7 @@ class _Context:
         # FX caches one get_attr node per parameter, so a weight read both by F.linear and by
         # another op is one node: every use must be a weight/bias slot of a functional layer.
         def layer_use(n, user):
-            if not (user.op == "call_function" and user.target in (rules.F_CONVS + (rules.F.linear,))):
+            if not (user.op == "call_function" and user.target in LAYER_CALLS):
                 return False
             found = []
             other = (user.args[:1], user.args[3:], {k: v for k, v in user.kwargs.items() if k not in ("weight", "bias")})
@@ -150,6 +160,13 @@ class _Context:
             if n.op == "get_attr" and not all(layer_use(n, u) for u in n.users):
                 out.add(n.target)
                 out.update(f"{n.target}.{p}" for p, _ in _named_params(self.gm, n.target))
+        # A module called whole without a rule (an opaque leaf) may use, inside, a parameter that a layer
+        # of the graph uses too (a shared module): that layer's rows and columns cannot move without
+        # changing what the module computes.
+        hidden = {id(p) for n in self.gm.graph.nodes if n.op == "call_module" and self.key(n) not in rules.RULES
+                  for p in self.modules[n.target].parameters()}
+        if hidden:
+            out.update(name for name, p in self.gm.named_parameters(remove_duplicate=False) if id(p) in hidden)
         return out
 
 
@@ -178,6 +195,8 @@ def _step(ctx: _Context, node: fx.Node):
         return None
     tensor_in = bool(rules._tensor_args(ctx, node))
     k = ctx.key(node)
+    if ctx.opaque(node):
+        return rules.barrier(ctx, node, f"{OPAQUE}: {node.meta['opaque']}")
     if ctx.meta(node) is None:  # a Python value out
         if tensor_in and k not in SHAPE_QUERIES:
             rules.barrier(ctx, node, "tensor turned into a Python value")

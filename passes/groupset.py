@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 NO_VAR = -1  # a channel that is not a free variable of this group
+OPAQUE = "opaque leaf"  # how the reason of an opaque leaf's barrier begins
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Barrier:
     op: str
     node: str
     reason: str
+    module: str = ""  # the submodule called at the node, for a module call
 
 
 @dataclass
@@ -97,6 +99,11 @@ class RescalingGroups:
     @property
     def num_frozen(self) -> int:
         return sum(f.count for f in self.frozen)
+
+    @property
+    def opaque(self) -> list[Barrier]:
+        """The opaque leaves: submodules called whole (not traced through), each a barrier with its reason."""
+        return [b for b in self.barriers if b.reason.startswith(OPAQUE)]
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -172,6 +179,9 @@ class RescalingGroups:
         if self.frozen:
             out.append(table(["frozen variables", "places", "reason", "at"],
                              by_reason((f.reason, f.count) for f in self.frozen)))
+        if self.opaque:
+            out.append(table(["opaque leaf", "class", "reason"],
+                             [[b.module, b.op, b.reason[len(OPAQUE) + 2:]] for b in self.opaque]))
         if self.barriers:
             out.append(table(["barrier op", "count", "first node"],
                              [[op, n, next(b.node for b in self.barriers if b.op == op)]

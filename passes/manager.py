@@ -8,7 +8,7 @@ every pass that declares them; a pipeline may fix defaults of its own (``PIPELIN
 
 The model's way through the standard pipelines::
 
-    model ──trace──▶ gm (the traced graph; its leaves are the model's modules)
+    model ──trace──▶ gm (the traced graph, its leaves the model's modules; or torch.export's ATen graph)
           ──shapes─▶ gm annotated by one real run, checked against model's own forward
           ──fold_bn─▶ gm with eval BatchNorms folded (path: the unfolded trace kept as ``traced``)
           ──groups──▶ groups of gm
@@ -34,10 +34,13 @@ from typing import Callable
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputError
+from .errors import GraphMismatch, InputError
 from .fold_bn import FoldReport
 from .groupset import RescalingGroups
 from .table import table
+from .trace import AUTO
+
+FRONTENDS = ("fx", "export")
 
 
 @dataclass
@@ -215,36 +218,50 @@ def initial_state(gm_or_model: nn.Module, example_inputs=None) -> PipelineState:
 
 # -- the standard passes ------------------------------------------------------------------------
 
-def _trace(state: PipelineState, *, leaf_modules=(), train=False) -> PipelineState:
-    """The traced graph of the model, in eval mode unless ``train``. A GraphModule without leaves to
-    keep is not traced again: the pipeline takes its graph (a copy of it: folding edits graphs)."""
+def _trace(state: PipelineState, *, leaf_modules=AUTO, train=False, frontend="fx") -> PipelineState:
+    """The graph of the model, in eval mode unless ``train``: by symbolic tracing (``frontend="fx"``;
+    ``leaf_modules``: see ``passes.trace.trace``) or by ``torch.export`` (``frontend="export"``,
+    ``passes.export``). A GraphModule without leaves to keep is not traced again: the pipeline takes
+    its graph (a copy of it: folding edits graphs)."""
     from .finite import check_finite
-    from .trace import trace
+    from .trace import leaf_choice, trace_in_mode
 
+    if frontend not in FRONTENDS:
+        raise InputError(f"unknown frontend '{frontend}' (front ends: {', '.join(FRONTENDS)})")
     model = state.model
-    if isinstance(model, fx.GraphModule) and not leaf_modules:
+    if frontend == "export":
+        from .export import export_graph
+
+        if leaf_choice(leaf_modules)[1]:
+            raise InputError("leaf_modules name submodules for the fx front end; torch.export captures every "
+                             "submodule (use frontend=\"fx\" to keep some opaque)")
+        state.gm = export_graph(model, state.example_inputs, train=train)
+    elif isinstance(model, fx.GraphModule) and not leaf_choice(leaf_modules)[1]:
         check_finite(model)
         state.gm = fx.GraphModule(model, copy_module.deepcopy(model.graph), type(model).__name__)
+        state.gm.training = train
     else:
-        flags = [(mod, mod.training) for mod in model.modules()]
-        try:  # the model is traced in the mode asked for; its own flags are restored after
-            for mod, _ in flags:
-                mod.__dict__["training"] = train  # not Module.__setattr__: its type checks cost more than the trace
-            state.gm = trace(model, leaf_modules=leaf_modules, copy_model=False)
-        finally:
-            for mod, flag in flags:
-                mod.__dict__["training"] = flag
-    state.gm.training = train  # the root only: the leaves are the model's own modules
+        inputs = len(state.example_inputs) if state.example_inputs is not None else None
+        state.gm = trace_in_mode(model, leaf_modules, train, inputs=inputs)
     return state
 
 
 def _shapes_pass(state: PipelineState) -> PipelineState:
+    from .locate import retrace_around
     from .shapes import propagate
 
     # a graph traced here runs against the model's own forward; a GraphModule given is its own reference
     traced_here = state.model is not None and state.model is not state.gm and \
         not isinstance(state.model, fx.GraphModule)
-    propagate(state.gm, state.example_inputs, reference=state.model if traced_here else None)
+    while True:
+        try:
+            propagate(state.gm, state.example_inputs, reference=state.model if traced_here else None)
+            break
+        except GraphMismatch:  # with automatic leaves, the submodule whose graph differs becomes one
+            gm = retrace_around(state.model, state.gm, state.example_inputs) if traced_here else None
+            if gm is None:
+                raise
+            state.gm = gm
     state.shapes = _shapes(state.gm)
     return state
 
@@ -321,7 +338,7 @@ def _pbn(state: PipelineState, *, pbn=True) -> PipelineState:
 
 # The one registration table: name -> (function, declared inputs, declared outputs, description).
 PASSES: dict[str, Pass] = {p.name: p for p in [
-    Pass("trace", _trace, ("model",), ("gm",), "symbolic trace, op spellings normalised"),
+    Pass("trace", _trace, ("model",), ("gm",), "symbolic trace (opaque leaves where it fails) or torch.export"),
     Pass("shapes", _shapes_pass, ("gm", "example_inputs", "model"), ("gm", "shapes"),
          "one real run that annotates shapes and checks the graph against the model's forward"),
     Pass("fold_bn", _fold_bn, ("gm",), ("gm", "fold_report", "traced"), "fold eval-mode BatchNorms"),
@@ -372,10 +389,12 @@ def run_pass(which: str, gm: nn.Module, example_inputs=None, **options) -> Pipel
     return get_pass(which).run(gm, example_inputs, **options)
 
 
-def prepare(model: nn.Module, example_inputs, leaf_modules=(), train: bool = False) -> fx.GraphModule:
+def prepare(model: nn.Module, example_inputs, leaf_modules=AUTO, train: bool = False,
+            frontend: str = "fx") -> fx.GraphModule:
     """Trace ``model`` (in eval mode unless ``train``), annotate shapes, fold eval BatchNorms.
 
     The caller's model is not modified; the result may share untouched leaf modules with it: copy
     it before writing to it.
     """
-    return run_pipeline("prepare", model, example_inputs, leaf_modules=leaf_modules, train=train).gm
+    return run_pipeline("prepare", model, example_inputs, leaf_modules=leaf_modules, train=train,
+                        frontend=frontend).gm

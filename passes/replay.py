@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_leaves
 
-from .errors import TraceError
+from .errors import GraphMismatch, TraceError
 
 
 @dataclass
@@ -314,10 +314,11 @@ def compare(model, want: list, got_out, args: tuple) -> None:
         raise TraceError(f"{type(model).__name__} gives different outputs on two calls with the same "
                          f"input in eval mode (random operations in its forward?): it is not a function "
                          f"of its input, and no rewrite of it can be verified")
-    raise TraceError(
+    raise GraphMismatch(
         f"the traced graph of {type(model).__name__} does not compute what its forward computes "
         f"({bad}): torch.fx does not capture an in-place write to a tensor that another "
         f"name also refers to (a view, a slice, an alias), nor control flow on tensor values; write "
-        f"that operation out of place, or keep its submodule opaque with leaf_modules=[...]")
+        f"that operation out of place, or keep its submodule opaque with leaf_modules=[...] (\"auto\" "
+        f"does so where it can tell which submodule differs)")
 
 

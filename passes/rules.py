@@ -1,8 +1,9 @@
 """The rule table of the group analysis (DESIGN §1).
 
 Each rule maps a node's input slot values to its output slot value. Keys are the
-function object (call_function), ``"method:name"`` (call_method) or the module class
-(call_module). Anything not in the table is a barrier.
+function object (call_function), ``"method:name"`` (call_method), the module class
+(call_module) or the ATen overload (the export front end's graphs: ``passes.rules_aten``
+adds those entries). Anything not in the table is a barrier.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fold_bn import ChannelAffine
-from .functional import arg, batch_norm_refusal, constant
+from .functional import LAYER_CALLS, arg, batch_norm_refusal, constant
 from .slots import along, channel_ids, compress, fixed, is_free, only_along, right_align
 
 RULES: dict = {}
@@ -109,6 +110,9 @@ AVGPOOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.A
             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.adaptive_avg_pool1d)
 
 
+MAX_POOLING = set(MAXPOOLS)  # the keys of every max pooling, ATen's included: tagged "maxpool"
+
+
 @rule(*MAXPOOLS, *AVGPOOLS)
 def pool(ctx, node):
     """Pooling acts per channel over spatial dims: slots must not vary spatially."""
@@ -117,7 +121,7 @@ def pool(ctx, node):
         return barrier(ctx, node, "pooling that returns indices")
     if not only_along(ids, 1):
         return barrier(ctx, node, "slots vary along the pooled dims")
-    ctx.event(node, "maxpool" if ctx.key(node) in MAXPOOLS else None, ids)
+    ctx.event(node, "maxpool" if ctx.key(node) in MAX_POOLING else None, ids)
     return ids
 
 
@@ -143,6 +147,11 @@ def pad(ctx, node):
         mode = "constant" if hasattr(mod, "value") else "copy"
     else:
         pads, mode, value = ctx.concrete(node.args[1]), _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+    return padded(ctx, node, pads, mode, value)
+
+
+def padded(ctx, node, pads, mode, value):
+    """Zero padding and padding with copies of the border are homogeneous; a non-zero constant is not."""
     if mode == "constant" and value not in (None, 0, 0.0):
         return barrier(ctx, node, f"padding with the non-zero constant {value}")
     ids = ctx.value(node.args[0])
@@ -195,10 +204,14 @@ def add(ctx, node):
 
 @rule(operator.mul, operator.truediv, torch.div, "method:div")
 def mul(ctx, node):
+    return product(ctx, node, divide=ctx.key(node) is not operator.mul)
+
+
+def product(ctx, node, divide: bool):
+    """a * b or a / b: a scalar or a fixed factor keeps the other operand's slots."""
     a, b = node.args[0], node.args[1]
     ndim = len(ctx.shape(node))
     va, vb = ctx.value(a), ctx.value(b)
-    divide = ctx.key(node) is not operator.mul
     if _scalar(ctx, b) or (_scalar(ctx, a) and not divide):
         ids = va if _scalar(ctx, b) else vb
         if isinstance(ids, np.ndarray):
@@ -324,7 +337,7 @@ def functional_batch_norm(ctx, node):
 # -- layers: consumers of their input slots, producers of fresh slots ----------------------
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-F_CONVS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+TORCH_LAYER_CALLS = tuple(f for f in LAYER_CALLS if not isinstance(f, torch._ops.OpOverload))  # ATen's: rules_aten
 
 
 def _layer_params(ctx, node):
@@ -339,8 +352,8 @@ def _layer_params(ctx, node):
     if not _is_parameter(ctx, w) or (b is not None and not (
             isinstance(b, fx.Node) and b.op == "get_attr")):
         return None
-    kind = "linear" if ctx.key(node) is F.linear else "conv"
-    groups = _arg(node, 6, "groups", 1) if kind == "conv" else 1
+    kind, groups_at = LAYER_CALLS[ctx.key(node)]
+    groups = _arg(node, groups_at, "groups", 1) if groups_at else 1
     return w.target, (b.target if b is not None else None), kind, groups, ctx.shape(w)[0]
 
 
@@ -359,7 +372,7 @@ def fixed_map(ctx, node):
     parameter): not a free layer. Where every output channel reads one input channel and no bias is
     added, y_o = k_o * x_{o // m} is positively homogeneous and channel-preserving: the slots pass,
     each repeated over the m outputs of its channel. Any other fixed map mixes channels."""
-    if ctx.key(node) is F.linear or _arg(node, 2, "bias") is not None:
+    if LAYER_CALLS[ctx.key(node)][0] == "linear" or _arg(node, 2, "bias") is not None:
         return barrier(ctx, node, "fixed linear map (weight not a parameter) that mixes channels or adds a bias")
     x = ctx.value(node.args[0])
     c_in, c_out = ctx.shape(node.args[0])[1], ctx.shape(node)[1]
@@ -372,7 +385,7 @@ def fixed_map(ctx, node):
     return compress(channel_ids(out, len(ctx.shape(node)), 1))
 
 
-@rule(nn.Linear, F.linear, *CONVS, *F_CONVS, ChannelAffine)
+@rule(nn.Linear, *CONVS, *TORCH_LAYER_CALLS, ChannelAffine)
 def layer(ctx, node):
     params = _layer_params(ctx, node)
     if params is None:

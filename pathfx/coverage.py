@@ -35,7 +35,8 @@ def _build(name: str, size: int | None = None):
     return model, torch.randn(*shape)
 
 
-def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None) -> dict:
+def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None,
+                  front_end: dict | None = None) -> dict:
     import tempfile
 
     t = time.perf_counter()
@@ -48,8 +49,8 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
             r["status"] = f"not run in the sweep (size: {params / 1e6:.0f}M parameters; run alone)"
             return r
         # two random inputs besides the example: 80 models × 2 modes of float64 runs at 224 px add up
-        res = transform(model, x, mode=mode, name=name, n_random=2,
-                               **({"cycles": cycles} if mode == "balance" else {}))
+        res = transform(model, x, mode=mode, name=name, n_random=2, **(front_end or {}),
+                        **({"cycles": cycles} if mode == "balance" else {}))
         g = res.groups
         r.update(groups=len(g.groups), free=g.num_free, torch=f"{res.verification.max_rel:.1e}")
         with tempfile.TemporaryDirectory() as d:
@@ -68,6 +69,8 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
             status += f", {ranged} variables kept in weight space for float32's range" if ranged else ""
         if res.verification.insensitive:
             status += " (the output barely depends on the input: verification checks little)"
+        if g.opaque:
+            status += f"; {OPAQUE_MARK}{opaque_leaves(g)}"
         r.update(onnxruntime=f"{rep.max_rel:.1e}", status=status)
     except PathfxError as e:
         r["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -75,15 +78,24 @@ def transform_row(name: str, mode: str, cycles: int, exporter: str = "auto", siz
     return r
 
 
-def row(name: str, size: int | None = None) -> dict:
+def opaque_leaves(g) -> str:
+    """The opaque leaves of a result, by class, with the first submodule of each: 'GPSA ×10 (blocks.0.attn …)'."""
+    by_class: dict[str, list[str]] = {}
+    for b in g.opaque:
+        by_class.setdefault(b.op, []).append(b.module)
+    return ", ".join(f"{op} ×{len(mods)} ({mods[0]}{' …' if len(mods) > 1 else ''})" for op, mods in by_class.items())
+
+
+def row(name: str, size: int | None = None, front_end: dict | None = None) -> dict:
     t = time.perf_counter()
     r = {"model": name}
     try:
         model, x = _build(name, size)
-        g = find_groups(model, x, name=name)
-        top = Counter(b.op for b in g.barriers).most_common(3)
+        g = find_groups(model, x, name=name, **(front_end or {}))
+        top = Counter(b.op for b in g.barriers if b not in g.opaque).most_common(3)
+        listed = [f"{OPAQUE_MARK}{opaque_leaves(g)}"] if g.opaque else []
         r.update(traced="yes", groups=len(g.groups), free=g.num_free, frozen=g.num_frozen,
-                 barriers=", ".join(f"{op} ×{n}" for op, n in top) or "-")
+                 barriers="; ".join(listed + [", ".join(f"{op} ×{n}" for op, n in top)] if top else listed) or "-")
         if not g.num_free:
             r["check"] = "nothing to check"
         elif sum(p.numel() for p in model.parameters()) <= SKIP_CHECK_PARAMS:
@@ -100,15 +112,17 @@ def row(name: str, size: int | None = None) -> dict:
 RAW = "raw exception"  # not a PathfxError: a bug of pathfx, kept in the table instead of ending the sweep
 
 
-def _one(name: str, mode: str, cycles: int, exporter: str, size: int | None) -> dict:
+def _one(name: str, mode: str, cycles: int, exporter: str, size: int | None, front_end: dict | None) -> dict:
     try:
-        return row(name, size) if mode == "analyze" else transform_row(name, mode, cycles, exporter, size)
+        return row(name, size, front_end) if mode == "analyze" else \
+            transform_row(name, mode, cycles, exporter, size, front_end)
     except Exception as e:
         text = f"{RAW} {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
         return {"model": name, "traced": "-", "check": text, "status": text}
 
 
-def isolated(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None) -> dict:
+def isolated(name: str, mode: str, cycles: int, exporter: str = "auto", size: int | None = None,
+             front_end: dict | None = None) -> dict:
     """One model in a fresh process: memory is returned after each model, and a crash (or the
     out-of-memory killer) costs one row, not the sweep."""
     import multiprocessing as mp
@@ -117,7 +131,7 @@ def isolated(name: str, mode: str, cycles: int, exporter: str = "auto", size: in
 
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         try:
-            return pool.submit(_one, name, mode, cycles, exporter, size).result()
+            return pool.submit(_one, name, mode, cycles, exporter, size, front_end).result()
         except BrokenProcessPool:
             return {"model": name, "traced": "-", "check": "process died (out of memory?)",
                     "status": "process died (out of memory?)"}
@@ -134,11 +148,17 @@ def markdown(rows, columns=COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
+OPAQUE_MARK = "opaque: "  # how the barriers column (analysis) and the status (transform) list opaque leaves
+
+
 def summary(rows, mode: str) -> str:
-    """One line of counts under the table: how many rows ended in each status."""
+    """One line of counts under the table: how many rows ended in each status, and how many of them
+    kept submodules opaque."""
     key = "check" if mode == "analyze" else "status"
     counts = Counter(_status_kind(r.get(key, "-"), mode) for r in rows)
-    return "\n" + f"{len(rows)} models: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()) + "\n"
+    opaque = sum(OPAQUE_MARK in r.get("barriers" if mode == "analyze" else "status", "") for r in rows)
+    tail = f" ({opaque} with opaque leaves)" if opaque else ""
+    return "\n" + f"{len(rows)} models: " + ", ".join(f"{n} {k}" for k, n in counts.most_common()) + tail + "\n"
 
 
 # kinds of passing transform rows, as the count line under a table names them
@@ -150,6 +170,7 @@ NOTHING_REWRITTEN = "verify and export with nothing reparameterized"
 
 
 def _status_kind(text: str, mode: str) -> str:
+    text = text.split(f"; {OPAQUE_MARK}")[0]
     if text.startswith(RAW):
         return RAW
     if mode == "analyze":

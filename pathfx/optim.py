@@ -102,7 +102,7 @@ class ENorm:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_inputs, p: float = 2,
-                 c: float = 1.0, every: int = 1, groups=None, leaf_modules=()):
+                 c: float = 1.0, every: int = 1, groups=None, leaf_modules="auto"):
         check_options(p, c)
         if not isinstance(every, int) or every < 1:
             raise InputError(f"every must be a positive integer, got {every!r}")

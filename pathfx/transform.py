@@ -114,7 +114,9 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     result with the original in float64 (eval mode) on ``example_inputs`` and ``n_random`` random
     inputs of the same shapes, and raise VerificationError over ``rtol``.
     ``pass_options`` go to the passes that declare them (``p``, ``c``, ``cycles``, ``tol``,
-    ``policy``, ``init``, ``leaf_modules``...). The caller's model is never modified, unless
+    ``policy``, ``init``, ``leaf_modules`` (default ``"auto"``: submodules that symbolic tracing cannot
+    follow are kept opaque, as barriers), ``frontend`` (``"fx"``, the default, or ``"export"``:
+    ``torch.export``'s ATen graph)...). The caller's model is never modified, unless
     ``copy_model=False``: then it is converted to float64 and rewritten in place (its weights become
     the result's), for a caller that built the model only to transform it — on a large model that
     saves the memory of one copy.

@@ -90,13 +90,37 @@ class FLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class DataGate(nn.Module):
+    """Python control flow on a tensor's values, which symbolic tracing cannot follow: the analysis keeps
+    the module opaque (an automatic leaf). ``share``: the index of a conv of the net that it calls too,
+    a module used both by the traced graph and inside the opaque leaf (set by ``link``)."""
+
+    def __init__(self, share=None):
+        super().__init__()
+        self.share = share
+
+    def forward(self, x):
+        y = self.inner(x) if self.share is not None else x
+        if y.mean() > 0:
+            return torch.relu(y)
+        return 0.5 * y
+
+
+def link(mods) -> None:
+    """Give each DataGate the conv it shares."""
+    for m in mods:
+        if isinstance(m, DataGate) and m.share is not None:
+            m.inner = mods[m.share]
+
+
 SPEC_NAMES = {"nn": nn, "BNActReLU": BNActReLU, "BNActSiLU": BNActSiLU, "FrozenBN": FrozenBN, "Blur": Blur,
-              "FLinear": FLinear}
+              "FLinear": FLinear, "DataGate": DataGate}
 
 # Ops that are not part of a ReLU network: passes.pathnorm must refuse them, naming them.
 NOT_RELU = {"gelu": "gelu", "tanh": "tanh", "relu6": "relu6", "sigmoid": "sigmoid", "nn.GELU": "GELU",
             "nn.Tanh": "Tanh", "nn.ReLU6": "ReLU6", "nn.LayerNorm": "LayerNorm", "nn.PReLU": "PReLU",
-            "nn.ConvTranspose2d": "ConvTranspose2d", "gate": "sigmoid", "fgate": "sigmoid", "BNActSiLU": "silu"}
+            "nn.ConvTranspose2d": "ConvTranspose2d", "gate": "sigmoid", "fgate": "sigmoid", "BNActSiLU": "silu",
+            "DataGate": "DataGate"}
 
 
 def run_op(op, ts, mods):
@@ -149,6 +173,7 @@ class FuzzNet(nn.Module):
         super().__init__()
         self.in_shape, self.seed, self.specs, self.plan = tuple(in_shape), seed, list(specs), list(plan)
         self.mods = nn.ModuleList([eval(s, dict(SPEC_NAMES)) for s in specs])
+        link(self.mods)
         lively_init(self, seed, gain=2.0)  # conv/linear weights, BatchNorm statistics and affine
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -236,6 +261,7 @@ class _Builder:
 
     def push(self, op, specs=()):
         mods = self.mods + [eval(s, dict(SPEC_NAMES)) for s in specs]
+        link(mods)
         try:
             with torch.no_grad():
                 out = run_op(op, self.vals, [m.eval() for m in mods])
@@ -264,7 +290,7 @@ class _Builder:
 # Step kinds, repeated by weight.
 SPATIAL = ["conv"] * 5 + ["act"] * 4 + ["shared", "pool", "bn", "add", "learned", "inplace"] * 2 + [
     "norm", "cat", "slice", "chunk", "split", "gate", "scale", "shift", "pad", "up", "flatten", "gap", "pointwise",
-    "reduce", "deconv", "bnact", "frozen", "blur", "ghost", "partial"]
+    "reduce", "deconv", "bnact", "frozen", "blur", "ghost", "partial", "untraceable"]
 FLAT = ["linear"] * 3 + ["act"] * 3 + ["shared", "bn"] * 2 + ["norm", "add", "cat", "slice", "chunk", "fgate",
                                                               "scale", "inplace"]
 RELU_LIKE = ["fn:relu", "fn:relu_method", "fn:leaky", "nn.ReLU()", "nn.LeakyReLU(0.2)", "nn.PReLU()", "prelu_c",
@@ -361,6 +387,9 @@ def _spatial_step(b, op, i):
         return b.push(("partial", i, k, b.new()), [f"nn.Conv2d({k}, {k}, 3, 1, 1, bias=False)"])
     if op == "deconv":
         return b.push(("mod", i, b.new()), [f"nn.ConvTranspose2d({c}, {d(st.integers(1, 4))}, 2, 2)"])
+    if op == "untraceable":
+        convs = [k for k, m in enumerate(b.mods) if type(m) is nn.Conv2d and m.in_channels == c]
+        return b.push(("mod", i, b.new()), [f"DataGate({d(st.sampled_from([None] + convs))})"])
     return _channel_step(b, op, i, c)
 
 

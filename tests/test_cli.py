@@ -51,7 +51,8 @@ def test_dot_file_written_and_not_overwritten(capsys, tmp_path):
     (["groups", "no_such_pkg.models:build"], ["cannot import 'no_such_pkg.models'"]),
     (["groups", "no/such/models.py:build"], ["cannot import 'no/such/models.py'", "no file"]),
     (["groups", "cli_models:nothing"], ["no callable 'nothing'"]),
-    (["groups", "cli_models:untraceable", "--input-shape", "1,3,8,8"], ["gate", "leaf_modules", "cli_models.py"]),
+    (["groups", "cli_models:untraceable", "--input-shape", "1,3,8,8", "--no-auto-leaves"],
+     ["gate", "leaf_modules", "cli_models.py"]),
     (["groups", "cli_models:mlp", "--dot", "/no/such/dir/g.dot"], ["does not exist"]),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, argv, words):
@@ -68,12 +69,18 @@ def test_model_from_a_source_file(capsys):
     assert code == 0 and out.startswith(f"{path}:mlp: 2 groups"), out
 
 
-def test_leaf_option_makes_untraceable_submodule_a_barrier(capsys):
-    code, out, _ = run(capsys, "groups", "cli_models:untraceable", "--input-shape", "1,3,8,8", "--leaf", "gate")
+@pytest.mark.parametrize("flags, reason", [
+    ([], "could not be traced: symbolically traced variables cannot be used as inputs to control flow"),
+    (["--leaf", "gate", "--no-auto-leaves"], "kept opaque by leaf_modules"),
+])
+def test_untraceable_submodule_is_an_opaque_leaf(capsys, flags, reason):
+    code, out, _ = run(capsys, "groups", "cli_models:untraceable", "--input-shape", "1,3,8,8", *flags)
     assert code == 0
-    row = next(line for line in out.splitlines() if "input of Gate (unknown opaque leaf module" in line)
+    row = next(line for line in out.splitlines() if f"input of Gate (opaque leaf: {reason}" in line)
     assert row.split()[:2] == ["8", "1"] and row.rstrip().endswith("gate")
     assert "0 groups, 0 free variables, 10 frozen, 1 barriers" in out
+    leaf = next(line for line in out.splitlines() if line.startswith("gate "))
+    assert leaf.split()[:2] == ["gate", "Gate"] and leaf.rstrip().endswith(reason)
 
 
 def test_console_script_end_to_end():

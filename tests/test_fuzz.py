@@ -206,6 +206,29 @@ def _onnx(net):
 test_onnx, test_onnx_slow = fuzz(50)(_onnx)
 
 
+# -- (g) the export front end finds the groups symbolic tracing finds -----------------------------
+
+def _export(net):
+    # eval mode only (the export front end's), and no submodule that branches on a tensor's values, even
+    # on a dead branch (torch.export runs the whole forward): it refuses what fx keeps opaque
+    assume(not net.training and not any(s.startswith("DataGate") for s in net.specs))
+    x = net.example()
+    fx_groups = pathfx.find_groups(net, x)
+    ex = pathfx.find_groups(net, x, frontend="export")
+    assert _live(ex) == _live(fx_groups), (str(fx_groups), str(ex))
+    assert check_soundness(ex, x, reinit=True).ok
+
+
+def _live(groups) -> int:
+    """Free variables of groups that some layer reads. A free group that none reads reaches no output:
+    dead code, which fx keeps where a shape check reads it (timm's ``_assert(x.ndim == 4)``) and
+    torch.export drops."""
+    return sum(g.width for g in groups.groups if g.consumers)
+
+
+test_export, test_export_slow = fuzz(40)(_export)
+
+
 # -- the strategy itself -----------------------------------------------------------------------
 
 def test_strategy_coverage_and_printed_code():
@@ -213,7 +236,7 @@ def test_strategy_coverage_and_printed_code():
     # and checks that a failing example, as printed, rebuilds the model that failed.
     nets = []
 
-    @settings(settings.get_profile("fuzz"), max_examples=300)
+    @settings(settings.get_profile("fuzz"), max_examples=400)
     @given(fuzz_nets())
     def collect(net):
         nets.append((net, pathfx.find_groups(net, net.example()).num_free))
@@ -232,6 +255,6 @@ def test_strategy_coverage_and_printed_code():
                 "gap mean amax", "nn.BatchNorm2d nn.BatchNorm1d", "train", "eval-bn", "add sub", "learned", "cat",
                 "slice chunk split", "gate fgate", "flatten view nn.Flatten", "scale div neg", "shift", "pad",
                 "nearest bilinear", "relu_ relu_inplace iadd", "pw", "BNActReLU", "BNActSiLU", "FrozenBN", "Blur",
-                "FLinear", "ghost", "partial"]
+                "FLinear", "ghost", "partial", "DataGate"]
     missing = [r for r in required if not features & set(r.split())]
     assert not missing, missing

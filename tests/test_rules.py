@@ -662,9 +662,10 @@ def test_opaque_leaf_module_is_barrier():
 
     x = inp()
     g = analyse(build(Head, Custom()), x, leaf_modules=["body"])
-    assert [(b.node, b.reason) for b in g.barriers] == [("body", "unknown opaque leaf module: no rule in the table")]
-    assert g.groups == []
-    assert frozen_map(g)["input of Custom at node 'body' (unknown opaque leaf module: no rule in the table)"] == \
+    assert [(b.node, b.module, b.reason) for b in g.barriers] == \
+        [("body", "body", "opaque leaf: kept opaque by leaf_modules")]
+    assert g.groups == [] and g.opaque == g.barriers
+    assert frozen_map(g)["input of Custom at node 'body' (opaque leaf: kept opaque by leaf_modules)"] == \
         (4, ["c1.weight"])
 
 

@@ -8,6 +8,7 @@ fasternet, ghostnet, repghostnet, starnet and swiftformer, which crashed the pat
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -175,6 +176,26 @@ def test_timm_transform_verifies(name, mode):
     model, x = _timm(name)
     r = pathfx.transform(model, x, mode=mode, n_random=1)
     assert r.verification.ok and r.groups.num_free > 0
+
+
+# timm models refused whole before automatic leaves: their untraceable blocks (attention with
+# shape-dependent control flow) by class, and how many
+OPAQUE = {"efficientvit_b0": {"LiteMLA": 4}, "mobilevit_xxs": {"MobileVitBlock": 3},
+          "efficientvit_m0": {"LocalWindowAttention": 6}, "cpubone_nano": {"ConvAttention": 1}}
+
+
+@pytest.mark.parametrize("name", sorted(OPAQUE))
+def test_timm_untraceable_blocks_become_opaque_leaves(name):
+    model, x = _timm(name)
+    with pytest.raises(pathfx.TraceError, match="cannot trace submodule"):
+        pathfx.find_groups(model, x, leaf_modules=())
+    g = pathfx.find_groups(model, x)
+    assert Counter(b.op for b in g.opaque) == OPAQUE[name]
+    assert all(b.reason.startswith("opaque leaf: could not be traced: ") and b.module for b in g.opaque)
+    assert g.num_free > 0 and check_soundness(g, x, reinit=True).ok
+    for mode in ("balance", "path"):
+        r = pathfx.transform(model, x, mode=mode, n_random=1)
+        assert r.verification.ok and r.groups.num_free == g.num_free
 
 
 def test_timm_names_resolve_and_misspellings_list_the_closest():

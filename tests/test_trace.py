@@ -179,11 +179,119 @@ class WithGate(nn.Module):
 
 def test_untraceable_submodule_error():
     with pytest.raises(TraceError) as e:
-        find_groups(WithGate(), inp())
+        find_groups(WithGate(), inp(), leaf_modules=())
     msg = str(e.value)
     assert "submodule 'block.1' (DataDependent)" in msg
     assert "if y.sum() > 0:" in msg and __file__ in msg
-    assert "leaf_modules=['block.1']" in msg
+    assert "leaf_modules=['block.1']" in msg and '"auto"' in msg
+
+
+def test_auto_leaves_keep_the_untraceable_submodule_opaque():
+    x = inp()
+    model = WithGate().double()
+    g = find_groups(model, x)  # leaf_modules="auto" is the default
+    assert [(b.module, b.op) for b in g.opaque] == [("block.1", "DataDependent")]
+    assert g.opaque[0].reason == "opaque leaf: could not be traced: symbolically traced variables cannot be used " \
+                                 "as inputs to control flow"
+    assert g.groups == [] and g.num_frozen == 4 + 2
+    assert any("opaque leaf: could not be traced" in f.reason and f.layers == ["c1.weight"] for f in g.frozen)
+    text = str(g)
+    assert "opaque leaf" in text and "block.1" in text and "DataDependent" in text
+    gm = trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["c1", "block.1", "c2"]
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+class TwoGates(nn.Module):
+    """Free groups on both sides of two untraceable submodules, one nested in a traced block."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 1), nn.Conv2d(5, 2, 1)
+        self.gate = DataDependent()
+        self.block = nn.Sequential(nn.Conv2d(5, 5, 1), nn.ReLU(), DataDependent())
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.c1(x)))
+        return self.c3(self.block(torch.relu(h)) + self.gate(h))
+
+
+def test_auto_leaves_retry_until_the_trace_succeeds():
+    x = inp()
+    model = TwoGates().double()
+    g = find_groups(model, x)
+    assert sorted(b.module for b in g.opaque) == ["block.2", "gate"]
+    # c1 → c2 stays free; c2's channels reach the gate and block.0's reach block.2: frozen
+    assert g.num_free == 4 and check_soundness(g, x, reinit=True).ok
+    assert {f.layers[0] for f in g.frozen if "could not be traced" in f.reason} == {"c2.weight", "block.0.weight"}
+    with pytest.raises(TraceError, match="submodule 'gate'"):
+        find_groups(model, x, leaf_modules=["block.2"])  # an explicit list: only those
+    both = find_groups(model, x, leaf_modules=["auto", "block.2"])
+    assert [(b.module, b.reason) for b in both.opaque if b.module == "block.2"] == \
+        [("block.2", "opaque leaf: kept opaque by leaf_modules")]
+    assert both.num_free == g.num_free
+
+
+class Shares(nn.Module):
+    """A conv used by the traced graph and, inside, by an untraceable submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.gate = Gated(self.c2)
+        self.c3 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.c3(torch.relu(self.c2(h)) + self.gate(h))
+
+
+class Gated(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, y):
+        return self.conv(y) if y.sum() > 0 else -self.conv(y)
+
+
+def test_a_parameter_an_opaque_leaf_shares_is_not_rescaled():
+    x = inp()
+    g = find_groups(Shares().double(), x)
+    assert [b.module for b in g.opaque] == ["gate"]
+    assert not any(p.weight == "c2.weight" for gr in g.groups for p in gr.producers)
+    assert not any(c.weight == "c2.weight" for gr in g.groups for c in gr.consumers)
+    assert check_soundness(g, x, reinit=True).ok
+
+
+class AliasWrite(nn.Module):
+    """An in-place write through a view, inside a submodule: fx traces it out of place."""
+
+    def forward(self, y):
+        z = y.view(y.shape)
+        y.mul_(2)
+        return torch.relu(z)
+
+
+class WithAliasWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.block = nn.Sequential(nn.Identity(), AliasWrite())
+
+    def forward(self, x):
+        return self.c2(self.block(self.c1(x)))
+
+
+def test_auto_leaves_make_the_submodule_whose_graph_differs_opaque():
+    x = inp()
+    model = WithAliasWrite().double()
+    g = find_groups(model, x)
+    assert [b.module for b in g.opaque] == ["block.1"]
+    assert g.opaque[0].reason.startswith("opaque leaf: its traced graph does not compute what its forward computes")
+    assert check_soundness(g, x, reinit=True).ok
+    with pytest.raises(TraceError, match="does not compute what its forward computes"):
+        find_groups(model, x, leaf_modules=())
 
 
 def test_leaf_modules_make_it_a_barrier():
@@ -211,7 +319,7 @@ def test_graph_that_differs_from_the_forward_is_refused():
     hook_calls = []
     model.c1.register_forward_hook(lambda *a: hook_calls.append(1))
     with pytest.raises(TraceError, match=r"WriteThroughView does not compute what its forward computes"):
-        find_groups(model, inp())
+        find_groups(model, inp())  # the write is in the model's own forward: no submodule to keep opaque
     assert hook_calls == [] and model.training  # the check runs with hooks set aside, modes restored
     # the same write out of place traces faithfully
     class OutOfPlace(WriteThroughView):

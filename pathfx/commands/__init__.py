@@ -13,7 +13,8 @@ from passes.errors import InputError
 from passes.files import write_atomic
 from passes.table import table
 
-__all__ = ["add_model_arguments", "parse_shape", "load_model", "write_atomic", "table"]
+__all__ = ["add_model_arguments", "add_front_end_arguments", "front_end", "parse_shape", "load_model", "write_atomic",
+           "table"]
 
 
 def add_model_arguments(p) -> None:
@@ -21,6 +22,21 @@ def add_model_arguments(p) -> None:
                                      "path/to/file.py:factory")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the example input")
+
+
+def add_front_end_arguments(p) -> None:
+    p.add_argument("--frontend", choices=["fx", "export"], default="fx",
+                   help="fx: symbolic trace, submodules it cannot follow kept opaque (default); export: torch.export's "
+                        "ATen graph (eval mode), which follows shape-dependent Python control flow")
+    p.add_argument("--leaf", action="append", default=[], metavar="MODULE",
+                   help="keep this submodule opaque (a barrier); repeatable (fx front end)")
+    p.add_argument("--no-auto-leaves", action="store_true",
+                   help="refuse a model with a submodule symbolic tracing cannot follow, instead of keeping it opaque")
+
+
+def front_end(args) -> dict:
+    """The front-end options of ``add_front_end_arguments`` as keyword arguments of the public API."""
+    return {"frontend": args.frontend, "leaf_modules": ([] if args.no_auto_leaves else ["auto"]) + list(args.leaf)}
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathfx
 from passes.soundness import check_soundness
 
-from . import add_model_arguments, load_model, write_atomic
+from . import add_front_end_arguments, add_model_arguments, front_end, load_model, write_atomic
 
 NAME = "groups"
 HELP = "discover the rescaling-equivalence groups of a model"
@@ -12,17 +12,16 @@ HELP = "discover the rescaling-equivalence groups of a model"
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
+    add_front_end_arguments(p)
     p.add_argument("--json", action="store_true", help="print the groups as JSON instead of a table")
     p.add_argument("--dot", metavar="FILE", help="write the group graph as Graphviz DOT")
     p.add_argument("--check", action="store_true", help="also run the random-rescaling soundness check (float64)")
-    p.add_argument("--leaf", action="append", default=[], metavar="MODULE",
-                   help="keep this submodule opaque (a barrier); repeatable")
     p.add_argument("--force", action="store_true", help="overwrite the --dot file")
 
 
 def run(args) -> int:
     model, x, name = load_model(args)
-    groups = pathfx.find_groups(model, x, leaf_modules=args.leaf, name=name)
+    groups = pathfx.find_groups(model, x, name=name, **front_end(args))
     if args.dot:
         write_atomic(args.dot, groups.to_dot(), force=args.force)
     if args.json:

@@ -8,7 +8,7 @@ import torch
 import pathfx
 from passes.errors import InputError
 
-from . import add_model_arguments, load_model, write_atomic
+from . import add_front_end_arguments, add_model_arguments, front_end, load_model, write_atomic
 
 NAME = "transform"
 HELP = "rewrite a model into balanced (ENorm) or path (P-BN) form, verify it, write its plan and ONNX export"
@@ -16,6 +16,7 @@ HELP = "rewrite a model into balanced (ENorm) or path (P-BN) form, verify it, wr
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
+    add_front_end_arguments(p)
     p.add_argument("--mode", choices=["path", "balance"], default="path")
     p.add_argument("--plan", choices=["enorm", "gsgd", "sgd"], help="default: the plan matched to the mode")
     p.add_argument("--plan-out", metavar="FILE", help="write the plan as JSON")
@@ -55,7 +56,7 @@ def run(args) -> int:
     options = {k: v for k, v in (("policy", args.policy), ("cycles", args.cycles)) if v is not None}
     # the model was built here only to be transformed: no second copy of its weights
     result = pathfx.transform(model, x, mode=args.mode, plan=args.plan, name=name, n_random=args.n_random,
-                              copy_model=False, **options)
+                              copy_model=False, **options, **front_end(args))
     print(result)
     print("\n".join(str(result.plan).splitlines()[1:]))  # its first line is in the summary
     code = 0

@@ -9,7 +9,7 @@ import zoo
 from passes.errors import InputError
 
 from ..coverage import COLUMNS, RAW, TRANSFORM_COLUMNS, isolated, markdown, passed, read_table, summary
-from . import write_atomic
+from . import add_front_end_arguments, front_end, write_atomic
 
 NAME = "zoo"
 HELP = "analyse many models (default: the torchvision classifiers; --source timm: one model per timm module) and " \
@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
                    help="ONNX exporter (auto: dynamo, TorchScript when dynamo fails)")
     p.add_argument("--size", type=int, help="square inputs of this size where a model accepts them (default: "
                                             "each model's own input shape)")
+    add_front_end_arguments(p)
     p.add_argument("--out", metavar="FILE", help="write the Markdown table to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--resume", action="store_true",
@@ -55,7 +56,7 @@ def run(args) -> int:
         raise InputError(f"output file '{args.out}' exists (use --force to overwrite, --resume to continue it)")
     rows = []
     for n in tqdm(names, desc=args.mode, unit="model"):
-        rows.append(kept.get(n) or isolated(n, args.mode, args.cycles, args.exporter, args.size))
+        rows.append(kept.get(n) or isolated(n, args.mode, args.cycles, args.exporter, args.size, front_end(args)))
         if args.out:  # the table so far, so that a stopped sweep keeps what it measured
             write_atomic(args.out, markdown(rows, columns) + summary(rows, args.mode), force=True)
     print(markdown(rows, columns) + summary(rows, args.mode))
