@@ -3,8 +3,10 @@
     torchrun --nproc_per_node=2 examples/ddp_train.py --mode balance --steps 100
 
 Every rank builds the same model (same seed) and transforms it; DDP averages the gradients, and
-``plan.after_step()`` runs on every rank: the ENorm cycle is a function of the weights, which are
+the plan's optimizer steps on every rank: its ENorm cycle is a function of the weights, which are
 identical after each synchronised step, so the replicas stay identical without extra communication.
+``plan.finalize`` ends the run on every rank over the whole training set, so the BatchNorm statistics
+eval mode reads are the same everywhere too.
 The data are scikit-learn's bundled digits (no download), split across ranks by DistributedSampler.
 """
 from __future__ import annotations
@@ -42,10 +44,7 @@ def main():
     example = data.train[0][:1]
 
     torch.manual_seed(0)  # the same model on every rank (DDP also broadcasts rank 0's at wrap time)
-    # G-SGD trains from the papers' path initialisation (as `pathfx train` does): the function-preserving
-    # path form of a random network has tiny basis values, and its gradients (∝ 1/b) diverge at the plan's lr
-    opts = {"init": "paper", "verify": False} if args.mode == "path" else {}
-    result = pathfx.transform(build().eval(), example, mode=args.mode, **opts)
+    result = pathfx.transform(build().eval(), example, mode=args.mode)
     model, plan = result.model.train(), result.plan
     ddp = DistributedDataParallel(model)
     opt = plan.optimizer(ddp, example)
@@ -68,7 +67,8 @@ def main():
                 break
         epoch += 1
 
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    plan.finalize(model, DataLoader(TensorDataset(*data.train), batch_size=256))  # eval-mode statistics
+    flat = torch.cat([t.detach().reshape(-1).double() for t in model.state_dict().values()])
     copies = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(copies, flat)
     loss = loss.detach()

@@ -43,7 +43,8 @@ class Config:
     models: tuple = MODELS
     methods: tuple = METHODS
     seeds: tuple = (0, 1, 2, 3, 4)
-    epochs: int = 20
+    epochs: int = 20  # on digits
+    epochs_mnist1d: int = 60  # MNIST-1D's nets are small and its runs short; G-SGD + P-BN needs ~60 (F.1 trains long)
     lr_search: bool = True  # each method's lr from its plan's grid, on a validation split (seed of the first run)
     size: int = 16  # height and width of the digits seen by convnets (the images are 8×8)
     max_steps: int | None = None
@@ -53,6 +54,9 @@ class Config:
     annex_layers: int = 20  # enorm Annex A: 20 layers of 500 × 500
     annex_width: int = 500
     threads: int = 1
+
+    def epochs_of(self, data: str) -> int:
+        return self.epochs_mnist1d if data == "mnist1d" else self.epochs
 
     def check(self) -> None:
         import zoo
@@ -64,7 +68,7 @@ class Config:
                 raise InputError(f"unknown method '{m}' (methods: {', '.join(METHODS)})")
         for name in self.models:
             zoo.lookup(name)  # an unknown name fails now, with the closest names, not after an hour
-        if self.epochs < 1 or self.size < 1 or self.threads < 1:
+        if min(self.epochs, self.epochs_mnist1d) < 1 or self.size < 1 or self.threads < 1:
             raise InputError("epochs, size and threads must be at least 1")
         if self.annex_layers < MIN_ANNEX_LAYERS:
             raise InputError(f"the Annex A network needs at least {MIN_ANNEX_LAYERS} layers (layers 6 and 12 are "
@@ -142,11 +146,12 @@ def train_model(name: str, cfg: Config, log) -> ModelRuns:
     kind = dataset_of(name)
     data = load(kind, shape=shape)
     out = ModelRuns(name, width, shape, convs, data.num_classes, kind)
+    epochs = cfg.epochs_of(kind)
     for method in cfg.methods:
         lr = None
         if cfg.lr_search:
             t = time.perf_counter()
-            found = search_lr(name, method, data, cfg.epochs, seed=cfg.seeds[0], width=width,
+            found = search_lr(name, method, data, epochs, seed=cfg.seeds[0], width=width,
                               max_steps=cfg.max_steps)
             found.result.model = None
             out.search[method], lr = found, found.lr
@@ -155,7 +160,7 @@ def train_model(name: str, cfg: Config, log) -> ModelRuns:
             log(f"{name} {method}: lr {lr:g} chosen on validation ({grid}), {time.perf_counter() - t:.0f} s")
         for seed in cfg.seeds:
             t = time.perf_counter()
-            r = train(name, method, data, cfg.epochs, seed=seed, width=width, progress=False,
+            r = train(name, method, data, epochs, seed=seed, width=width, progress=False,
                       max_steps=cfg.max_steps, lr=lr)
             r.model = None  # 36 trained models need not stay in memory
             out.runs.setdefault(method, []).append(r)

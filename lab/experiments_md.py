@@ -87,13 +87,19 @@ def header(report, command: str, machine: str) -> str:
     ])
 
 
+def epochs_text(report) -> str:
+    cfg = report.config
+    kinds = sorted({m.data for m in report.models})
+    return " and ".join(f"{cfg.epochs_of(k)} epoch{'s' if cfg.epochs_of(k) > 1 else ''}"
+                        + (f" on {'MNIST-1D' if k == 'mnist1d' else k}" if len(kinds) > 1 else "") for k in kinds)
+
+
 def training(report, links) -> str:
     cfg = report.config
     out = [
         "## 1. Training methods on digits and MNIST-1D (pbn §5.1, enorm §6)",
         "",
-        "Data: " + data_text(report) + f" No augmentation. {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} per "
-        "run" + (f", at most {cfg.max_steps} steps" if cfg.max_steps else "")
+        "Data: " + data_text(report) + f" No augmentation. {epochs_text(report)} per run" + (f", at most {cfg.max_steps} steps" if cfg.max_steps else "")
         + f"; seeds {seeds(cfg)} (a seed fixes the initialisation and the data order). "
         + ("The learning rate of each method is chosen from its plan's grid (the papers' own) on a validation "
            "split: 20 % of the training data held out, stratified, the other 80 % trained on with the first seed "
@@ -433,7 +439,7 @@ def claims_section(report) -> str:
             for c, s, measured, v in claims(report)]
     notes = [
         f"Scale: digits and MNIST-1D (a few thousand training examples) instead of CIFAR-10/100 and ImageNet; "
-        f"CPU-sized widths (settings table); {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} instead of 64k "
+        f"CPU-sized widths (settings table); {epochs_text(report)} instead of 64k "
         f"iterations (pbn) or 60–128 epochs of CIFAR-10 (enorm); {len(cfg.seeds)} seed"
         f"{'s' if len(cfg.seeds) > 1 else ''}. A verdict holds for this setting only. Between two methods it "
         f"comes from Welch's t-test of their errors over the seeds (t > 0: the claimed method lower): a two-sided "

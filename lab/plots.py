@@ -14,18 +14,20 @@ def enorm_plot(report, title: str):
     rng = np.random.default_rng(0)
     for ax, when in zip(axes[:2], ("before", "after")):
         for i, lay in enumerate(report.layers):
-            energy = np.asarray(getattr(lay, f"rows_{when}"))
-            norms = energy ** (1 / report.p)
+            energy = np.asarray(getattr(lay, f"rows_{when}"), dtype=float)
+            # p = ∞ rows are already max|w|; at a large finite p a row may have left float64 (0 or inf)
+            norms = energy if np.isinf(report.p) else energy ** (1 / report.p)
             ax.scatter(i + rng.uniform(-0.3, 0.3, len(norms)), norms, s=3, alpha=0.5)
         ax.set_yscale("log")
-        ax.set_ylabel(f"ℓ{report.p:g} norm per unit")
+        ax.set_ylabel("ℓ∞ norm per unit" if np.isinf(report.p) else f"ℓ{report.p:g} norm per unit")
         ax.set_title(f"{title}: energy {when} ENorm (one dot per output unit: its incoming weights, "
                      "the paper's weight-matrix column)")
         ax.set_xticks(range(len(report.layers)))
         ax.set_xticklabels([lay.name.removesuffix(".weight") for lay in report.layers], rotation=90, fontsize=6)
-    axes[2].plot(range(len(report.objective)), report.objective, marker=".")
+    # the log is exact at any p, where Σ|w|^p itself may be 0 or inf in float64
+    axes[2].plot(range(len(report.log_objective)), report.log_objective, marker=".")
     axes[2].set_xlabel("cycle")
-    axes[2].set_ylabel(f"Σ|w|^{report.p:g}")
+    axes[2].set_ylabel("log max|w|" if np.isinf(report.p) else f"log Σ|w|^{report.p:g}")
     axes[2].set_title("objective per cycle (0 = before)")
     fig.tight_layout()
     return fig

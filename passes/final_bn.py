@@ -33,11 +33,13 @@ def final_bn_name(gm: fx.GraphModule) -> str | None:
     return value.target if isinstance(gm.get_submodule(value.target), BATCHNORMS) else None
 
 
-def add_final_bn(gm: fx.GraphModule) -> str:
+def add_final_bn(gm: fx.GraphModule, add: bool = True) -> str:
     """In place: a BatchNorm1d after a (batch, classes) output; returns what was done: "kept" (the model
-    has one), "added", or why none was added."""
+    has one), "added", or why none was added (``add=False``: only one the model has is kept)."""
     if final_bn_name(gm) is not None:
         return "kept"
+    if not add:
+        return "none: a trained model is fine-tuned without a new one"
     out, value = _output_value(gm)
     meta = value.meta.get("tensor_meta") if value is not None else None
     if meta is None or len(meta.shape) != 2:

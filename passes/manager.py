@@ -312,10 +312,11 @@ def _enorm(state: PipelineState, *, p=2, c=1.0, cycles=None, tol=1e-6, select=No
 
 
 def _final_bn(state: PipelineState, *, final_bn=False) -> PipelineState:
-    """With ``final_bn``: the balanced model keeps, or gets, one BatchNorm after the classifier."""
+    """With ``final_bn``: the balanced model keeps, or gets, one BatchNorm after the classifier ("keep": only
+    keeps one it has)."""
     from .final_bn import add_final_bn
 
-    state.final_bn = add_final_bn(state.gm) if final_bn else None
+    state.final_bn = add_final_bn(state.gm, add=final_bn != "keep") if final_bn else None
     return state
 
 

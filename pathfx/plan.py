@@ -78,7 +78,9 @@ class Plan:
     # "sgd": SGD on the model's parameters (for a path model: G-SGD on its path values); "basis-scaled":
     # G-SGD with each path value's step scaled by the square of its scale (pathfx.optim.PlanSGD)
     step: str = "sgd"
-    final_bn: str = ""  # ENorm plans of convolutional nets: the BatchNorm after the classifier, "kept" or "added"
+    final_bn: str = ""  # ENorm plans of convolutional nets: the BatchNorm after the classifier, "kept", "added",
+    # or "none: <why>"
+    notes: list[str] = field(default_factory=list)  # what the user should know before training with it
 
     # -- data ---------------------------------------------------------------------------------
     def to_json(self, **kw) -> str:
@@ -101,12 +103,15 @@ class Plan:
         if self.enorm:
             head += f"\n  after each step: one ENorm cycle every {self.enorm['every']} step(s), p={self.enorm['p']}, " \
                     f"c={self.enorm['c']}, momentum buffers rescaled"
-        if self.final_bn:
+        if self.final_bn.startswith("none"):
+            head += f"\n  no BatchNorm after the classifier ({self.final_bn.removeprefix('none: ')})"
+        elif self.final_bn:
             head += f"\n  one BatchNorm after the classifier ({self.final_bn}; enorm-iclr2019 §6.2–6.3)"
         if self.step == "basis-scaled":
             head += "\n  step: G-SGD with each path value's step scaled by the square of its scale — basis values " \
                     "relative to themselves, the others in their layer's units (the bases of a converted model are " \
                     "products of weights: plain G-SGD would explode)"
+        head += "".join(f"\n  note: {n}" for n in self.notes)
         width = sum(a["width"] for a in self.acts_on)
         rows = [[len(self.acts_on), width, len(self.weight_space)]]
         out = [head, table(["groups acted on", "variables", "left in weight space"], rows)]
@@ -160,9 +165,7 @@ class Plan:
         those statistics, and during training they lag behind weights that move fast (a path model
         after a few hundred G-SGD steps: 7.8 % test error with batch statistics, 82.8 % with the
         running ones before this step, 9.0 % after it)."""
-        inner = unwrap(model)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules()):
-            torch.optim.swa_utils.update_bn(loader, inner)
+        measure_bn(unwrap(model), loader)
         return model.eval()
 
     def after_step(self) -> None:
@@ -190,6 +193,27 @@ class Plan:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def measure_bn(model: nn.Module, data) -> int:
+    """Recompute the running statistics of every BatchNorm of ``model`` (a P-BN's too) as the average over
+    ``data`` — a tensor, or an iterable of tensors or (inputs, labels) pairs — the way
+    ``torch.optim.swa_utils.update_bn`` does, with the inputs cast to the model's dtype. Returns the number
+    of inputs seen (0 when the model has no BatchNorm); leaves ``model`` in eval mode."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return 0
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    seen = []
+
+    def batches():
+        for b in ([data] if torch.is_tensor(data) else data):
+            x = b[0] if isinstance(b, (tuple, list)) else b
+            seen.append(len(x))
+            yield x.to(dtype) if x.is_floating_point() else x
+
+    torch.optim.swa_utils.update_bn(batches(), model)
+    model.eval()
+    return sum(seen)
+
+
 def acts_on(groups: RescalingGroups, ids=None) -> list[dict]:
     """The plan's record of the groups it acts on: all of ``groups``, or those of ``ids``."""
     chosen = None if ids is None else set(ids)
@@ -198,7 +222,7 @@ def acts_on(groups: RescalingGroups, ids=None) -> list[dict]:
 
 
 def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups | None, input_shape, weight_space=(),
-              acting=None, name: str = "", step: str = "sgd", final_bn: str = "") -> Plan:
+              acting=None, name: str = "", step: str = "sgd", final_bn: str = "", notes=()) -> Plan:
     """The plan of ``kind`` for a transformed ``model`` whose analysis gave ``groups`` (None for the
     ``sgd`` baseline, which acts on no group); ``acting`` as ``acts_on`` gives it (default: every group)."""
     if kind not in KINDS:
@@ -211,4 +235,4 @@ def make_plan(kind: str, mode: str, model: nn.Module, groups: RescalingGroups | 
                 acts_on=acting, weight_space=list(weight_space), optimizer_settings=dict(d["optimizer"]),
                 schedule=dict(d["schedule"]), enorm=dict(d["enorm"]) if "enorm" in d else None,
                 signature={"params": {n: list(p.shape) for n, p in model.named_parameters()}},
-                sources=list(d["sources"]), step=step, final_bn=final_bn)
+                sources=list(d["sources"]), step=step, final_bn=final_bn, notes=list(notes))

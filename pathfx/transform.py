@@ -15,7 +15,7 @@ from passes.modules import cast_floating, float64_copy, model_dtype
 from passes.table import table
 from passes.verify import Verification, reference, verify_reference
 
-from .plan import Plan, acts_on, make_plan
+from .plan import Plan, acts_on, make_plan, measure_bn
 
 MODES = {"balance": "enorm", "path": "gsgd"}  # mode -> its matched plan
 
@@ -105,7 +105,7 @@ def _check_cast(gm: nn.Module, ref, dtype: torch.dtype, mode: str) -> None:
 
 def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: str | None = None,
               verify: bool = True, rtol: float = 1e-10, name: str = "", n_random: int = 8,
-              copy_model: bool = True, **pass_options) -> TransformResult:
+              copy_model: bool = True, calibration=None, **pass_options) -> TransformResult:
     """Rewrite a copy of ``model`` into balanced (``mode="balance"``, ENorm) or path form
     (``mode="path"``, path reparameterization with P-BN), with the matched training plan.
 
@@ -120,6 +120,13 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     ``copy_model=False``: then it is converted to float64 and rewritten in place (its weights become
     the result's), for a caller that built the model only to transform it — on a large model that
     saves the memory of one copy.
+    ``calibration``: inputs (a tensor, or batches as a DataLoader yields them) on which every BatchNorm's
+    running statistics are measured before the rewrite; the result then computes what the model computes
+    with those statistics, and is verified against that. For a model about to be trained from scratch
+    with the ENorm plan, whose BatchNorms fold away: statistics that never saw data (mean 0, variance 1)
+    fold into a network whose signal can vanish with depth (torchvision's mobilenet_v2: logits varying by
+    ~1e-10 across a batch), while statistics measured on data fold into a data-dependent initialisation
+    in which every folded layer's output starts normalised.
     """
     if mode not in MODES:
         raise InputError(f"unknown mode '{mode}' (modes: {', '.join(MODES)})")
@@ -136,13 +143,20 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     dtype = model_dtype(model)
     training, names = model.training, [n for n, _ in model.named_parameters()]
     work = float64_copy(model).eval() if copy_model else model.to(torch.float64).eval()
+    bns = {n: int(m.num_batches_tracked) for n, m in work.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    fresh, trained = [n for n, t in bns.items() if t == 0], any(bns.values())
+    measured = measure_bn(work, calibration) if calibration is not None else 0
     args = cast_floating(args, torch.float64)
     ref = reference(work, args, n_random=n_random) if verify else None
     if mode == "path":  # the float64 copy is reparameterized for the dtype the result is handed back in
         pass_options.setdefault("value_dtype", dtype)
     pass_options.setdefault("name", name or type(model).__name__)
     if mode == "balance" and kind == "enorm":  # ENorm §6.2–6.3: convolutional nets train with one BN after the classifier
-        pass_options.setdefault("final_bn", any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()))
+        # but a trained model being fine-tuned keeps its function in training mode too: none is added to it
+        # (one it has is kept); a fresh BatchNorm on its logits costs ~2 points in the first epoch
+        convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        pass_options.setdefault("final_bn", "keep" if convs and trained else convs)
     del model
     state = run_pipeline(mode, work, args, copy=False, **pass_options).state
     del work
@@ -164,8 +178,14 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     chosen = acts_on(groups, report.reparameterized_groups) if mode == "path" and report is not None else None
     # a converted model's bases are products of its weights: a plan for its path values scales each step by them
     step = "basis-scaled" if mode == "path" and pass_options.get("init", "preserve") == "preserve" else "sgd"
+    notes = []
+    if measured:
+        notes.append(f"BatchNorm statistics measured on {measured} calibration inputs before the rewrite")
+    elif fresh and mode == "balance" and kind == "enorm":
+        notes.append(f"{len(fresh)} BatchNorms (e.g. {fresh[0]}) never saw data and were folded at mean 0, variance 1: "
+                     "to train from scratch, transform with calibration=<training inputs> (a data-dependent start)")
     made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, chosen, groups.model_name, step,
-                     final_bn=state.final_bn or "")
+                     final_bn=state.final_bn or "", notes=notes)
     return TransformResult(model=gm, groups=groups, plan=made, verification=verification,
                            timings=dict(state.timings), mode=mode, report=report,
                            param_map=_param_map(names, gm, state.pbn_layers or ()))

@@ -125,6 +125,10 @@ def test_enorm_plan_keeps_or_adds_one_batchnorm_after_the_classifier():
     none = pathfx.transform(mlp.eval(), torch.randn(1, 12), mode="balance")  # ENorm §6.1: no BN at all
     assert none.plan.final_bn == "" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                  for m in none.model.modules())
+    trained = small_cnn()
+    trained(torch.randn(8, 3, 8, 8))  # its BatchNorms have seen data: a trained model is fine-tuned as it is
+    tuned = pathfx.transform(trained.eval(), x, mode="balance")
+    assert tuned.plan.final_bn.startswith("none") and "no BatchNorm after the classifier" in str(tuned.plan)
     sgd = pathfx.transform(small_cnn(bn=False).eval(), x, mode="balance", plan="sgd")
     assert sgd.plan.final_bn == ""  # the SGD plan trains the balanced net as it is
 

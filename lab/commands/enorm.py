@@ -1,6 +1,7 @@
 """`pathfx enorm MODEL`: balance a model by Equi-normalization and show where the energy went."""
 from __future__ import annotations
 
+import inspect
 import io
 
 import pathfx
@@ -10,15 +11,17 @@ from pathfx.commands import add_model_arguments, load_model, write_atomic
 from ..plots import enorm_plot
 
 NAME = "enorm"
+DEFAULT_TOL = inspect.signature(pathfx.enorm).parameters["tol"].default
 HELP = "balance a model's weights by Equi-normalization (ENorm) and report the energy per layer"
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--cycles", type=int, help="run exactly this many cycles (default: until --tol)")
-    p.add_argument("--tol", type=float, default=1e-6, help="stop when one cycle lowers the objective by less "
-                                                           "than this relative amount (default 1e-6)")
-    p.add_argument("--p", type=float, default=2.0, help="the norm: minimise the sum of |w|^p (default 2)")
+    p.add_argument("--tol", type=float, default=DEFAULT_TOL, help="stop at a fixed point: when a cycle moves no "
+                   f"weight or bias by more than this relative amount (default {DEFAULT_TOL:g})")
+    p.add_argument("--p", type=float, default=2.0, help="the norm: minimise the sum of |w|^p (default 2; any p ≥ 1, "
+                                                        "or inf to balance the largest |w| of every channel)")
     p.add_argument("--c", type=float, default=1.0, help="asymmetric variant: c > 1 moves energy toward the "
                                                         "output (default 1)")
     p.add_argument("--plot", metavar="PNG", help="draw per-unit energy of every layer before/after and the "

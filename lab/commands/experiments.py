@@ -19,8 +19,10 @@ def add_arguments(p) -> None:
                         "without .md")
     p.add_argument("--models", default=",".join(c.models), help=f"comma-separated (default {','.join(c.models)})")
     p.add_argument("--methods", default=",".join(c.methods), help="comma-separated (default all)")
-    p.add_argument("--seeds", default=",".join(map(str, c.seeds)), help="comma-separated (default 0,1,2)")
-    p.add_argument("--epochs", type=int, default=c.epochs, help=f"epochs per run (default {c.epochs})")
+    p.add_argument("--seeds", default=",".join(map(str, c.seeds)), help=f"comma-separated (default {','.join(map(str, c.seeds))})")
+    p.add_argument("--epochs", type=int, default=c.epochs, help=f"epochs per run on digits (default {c.epochs})")
+    p.add_argument("--epochs-mnist1d", type=int, default=c.epochs_mnist1d,
+                   help=f"epochs per run on MNIST-1D (default {c.epochs_mnist1d})")
     p.add_argument("--max-steps", type=int, help="cap the optimizer steps of each run (quick checks)")
     p.add_argument("--size", type=int, default=c.size,
                    help=f"height and width of the digits for convolutional models (default {c.size})")
@@ -44,7 +46,7 @@ def run(args) -> int:
     except ValueError:
         raise InputError(f"--seeds '{args.seeds}' does not parse: expected integers like 0,1,2") from None
     cfg = Config(models=_names(args.models), methods=_names(args.methods), seeds=seeds, epochs=args.epochs,
-                 size=args.size, max_steps=args.max_steps, observe_depth=args.observe_depth,
+                 epochs_mnist1d=args.epochs_mnist1d, size=args.size, max_steps=args.max_steps, observe_depth=args.observe_depth,
                  observe_width=args.observe_width, annex_width=args.annex_width, threads=args.threads)
     argv = getattr(args, "argv", None)
     command = "pathfx " + shlex.join(argv) if argv else "pathfx experiments"
