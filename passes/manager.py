@@ -26,6 +26,7 @@ reads it has run, so a pipeline over a large model holds one set of weights at a
 from __future__ import annotations
 
 import copy as copy_module
+import gc
 import inspect
 import time
 from dataclasses import dataclass, field, fields
@@ -58,6 +59,7 @@ class PipelineState:
     reparam_report: object = None  # passes.pathmodel.ReparamReport: gm is then the path model
     pbn_layers: list | None = None  # (layer, BatchNorm) pairs fused into P-BN
     final_bn: str | None = None  # the BatchNorm after the classifier: "kept", "added", or why none
+    restored_bns: list | None = None  # BatchNorms given back to layers behind barriers (ENorm plan)
     timings: dict[str, float] = field(default_factory=dict)  # pass name -> wall seconds, in run order
     outputs: dict = field(default_factory=dict)  # values of passes outside this table (a user's own)
 
@@ -177,6 +179,18 @@ class Pipeline:
         if copy and self.writes:
             state = initial_state(copy_module.deepcopy(gm_or_model), example_inputs)
         del gm_or_model
+        # The passes build many short-lived objects (graphs, nodes, tensor metadata) among the model's
+        # long-lived ones; the cyclic collector, set off by those allocations, would re-scan the lot
+        # every few thousand of them (a third of find_groups on densenet121). It resumes afterwards.
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(state, options)
+        finally:
+            if collect:
+                gc.enable()
+
+    def _run(self, state: PipelineState, options: dict) -> PipelineResult:
         for i, p in enumerate(self.passes):
             start = time.perf_counter()
             out = p.fn(state, **{k: v for k, v in options.items() if k in p.options})
@@ -312,11 +326,13 @@ def _enorm(state: PipelineState, *, p=2, c=1.0, cycles=None, tol=1e-6, select=No
 
 
 def _final_bn(state: PipelineState, *, final_bn=False) -> PipelineState:
-    """With ``final_bn``: the balanced model keeps, or gets, one BatchNorm after the classifier ("keep": only
-    keeps one it has)."""
-    from .final_bn import add_final_bn
+    """With ``final_bn``: the balanced model keeps, or gets, one BatchNorm after the classifier, and the
+    layers whose channels no group reaches get theirs back ("keep": only keeps one it has, adds none)."""
+    from .final_bn import add_final_bn, restore_behind_barriers
 
     state.final_bn = add_final_bn(state.gm, add=final_bn != "keep") if final_bn else None
+    state.restored_bns = restore_behind_barriers(state.gm, state.groups, state.fold_report.folded) \
+        if final_bn is True and state.fold_report is not None else []
     return state
 
 
@@ -345,7 +361,7 @@ PASSES: dict[str, Pass] = {p.name: p for p in [
     Pass("fold_bn", _fold_bn, ("gm",), ("gm", "fold_report", "traced"), "fold eval-mode BatchNorms"),
     Pass("groups", _groups, ("gm", "shapes"), ("groups",), "rescaling-group discovery"),
     Pass("enorm", _enorm, ("gm", "groups"), ("gm", "enorm_report"), "Equi-normalization in place", writes=True),
-    Pass("final_bn", _final_bn, ("gm",), ("gm", "final_bn"), "one BatchNorm after the classifier (ENorm §6.2–6.3)",
+    Pass("final_bn", _final_bn, ("gm", "groups"), ("gm", "final_bn", "restored_bns"), "one BatchNorm after the classifier (ENorm §6.2–6.3)",
          writes=True),
     Pass("reparam", _reparam, ("traced", "groups", "fold_report"), ("gm", "reparam_report", "traced"),
          "path reparameterization of the unfolded trace (PathLayers, BatchNorms re-set)", writes=True),

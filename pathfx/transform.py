@@ -179,6 +179,10 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     # a converted model's bases are products of its weights: a plan for its path values scales each step by them
     step = "basis-scaled" if mode == "path" and pass_options.get("init", "preserve") == "preserve" else "sgd"
     notes = []
+    if state.restored_bns:
+        notes.append(f"{len(state.restored_bns)} BatchNorms kept, as the identity in eval mode, after the layers whose "
+                     f"channels no group reaches (behind barriers, e.g. {state.restored_bns[0]}): ENorm cannot act "
+                     "there, and they train with the normalisation they were built with")
     if measured:
         notes.append(f"BatchNorm statistics measured on {measured} calibration inputs before the rewrite")
     elif fresh and mode == "balance" and kind == "enorm":
