@@ -55,6 +55,13 @@ class Config:
     annex_width: int = 500
     threads: int = 1
 
+    @classmethod
+    def quick(cls) -> "Config":
+        """Every model and method, two seeds, a few epochs, small observation and Annex A nets: the whole
+        report in a few minutes, to check it end to end (its numbers are not the study's)."""
+        return cls(seeds=(0, 1), epochs=2, epochs_mnist1d=4, observe_depth=10, observe_width=32, observe_batch=32,
+                   annex_layers=12, annex_width=50)
+
     def epochs_of(self, data: str) -> int:
         return self.epochs_mnist1d if data == "mnist1d" else self.epochs
 

@@ -73,3 +73,13 @@ def test_bad_options_fail_before_any_run(tmp_path, capsys, argv, message):
     assert main(["experiments", "--out", str(tmp_path / "exp.md")] + argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "exp.md").exists()
+
+
+def test_quick_profile_and_explicit_options(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(experiments, "run", lambda cfg, out, **kw: seen.append(cfg))
+    assert main(["experiments", "--quick", "--out", str(tmp_path / "q.md")]) == 0
+    assert main(["experiments", "--quick", "--seeds", "3", "--out", str(tmp_path / "q.md")]) == 0
+    quick, seeded = seen
+    assert quick == Config.quick() and quick.models == Config().models and quick.epochs < Config().epochs
+    assert seeded.seeds == (3,) and seeded.epochs == quick.epochs

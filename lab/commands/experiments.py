@@ -1,6 +1,7 @@
 """`pathfx experiments`: run the papers' experiments at CPU size and write the reproduction report."""
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 from pathfx import InputError
@@ -31,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--annex-width", type=int, default=c.annex_width, help="width of the Annex A network "
                                                                           f"(default {c.annex_width}, as the paper)")
     p.add_argument("--threads", type=int, default=c.threads, help="torch threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="the quick profile: every model and method, 2 seeds, "
+                                                        "2 epochs (4 on MNIST-1D), small observation nets; options "
+                                                        "given explicitly still apply")
     p.add_argument("--force", action="store_true", help="overwrite the report and its figures")
 
 
@@ -45,9 +49,14 @@ def run(args) -> int:
         seeds = tuple(int(s) for s in _names(args.seeds))
     except ValueError:
         raise InputError(f"--seeds '{args.seeds}' does not parse: expected integers like 0,1,2") from None
-    cfg = Config(models=_names(args.models), methods=_names(args.methods), seeds=seeds, epochs=args.epochs,
-                 epochs_mnist1d=args.epochs_mnist1d, size=args.size, max_steps=args.max_steps, observe_depth=args.observe_depth,
-                 observe_width=args.observe_width, annex_width=args.annex_width, threads=args.threads)
+    given = dict(models=_names(args.models), methods=_names(args.methods), seeds=seeds, epochs=args.epochs,
+                 epochs_mnist1d=args.epochs_mnist1d, size=args.size, max_steps=args.max_steps,
+                 observe_depth=args.observe_depth, observe_width=args.observe_width, annex_width=args.annex_width,
+                 threads=args.threads)
+    full = Config()
+    # --quick starts from the quick profile; an option set to other than the full profile's default still applies
+    cfg = dataclasses.replace(Config.quick() if args.quick else full,
+                              **{k: v for k, v in given.items() if v != getattr(full, k)})
     argv = getattr(args, "argv", None)
     command = "pathfx " + shlex.join(argv) if argv else "pathfx experiments"
     run_experiments(cfg, args.out, force=args.force, command=command, log=lambda line: print(line, flush=True))
