@@ -149,7 +149,7 @@ class PlanSGD(torch.optim.SGD):
     ``ENorm`` cycle (built from ``enorm``: model, example_inputs, p, c, every), else None.
 
     ``path_layers``: the PathLayers whose path values V take the *basis-scaled* G-SGD step
-    Δv = −lr · k² · (∂L/∂v + wd · v), with k the scale of v:
+    Δv = −lr · (k² · ∂L/∂v + wd · v), with k the scale of v:
 
     - a path value that is a basis value downstream: k = |v|, a step relative to the value itself (it
       divides a whole column of the next layer; on its own weight's scale, its coupling term
@@ -187,17 +187,20 @@ class PlanSGD(torch.optim.SGD):
     def step(self, closure=None):
         with torch.no_grad():
             for layer in self.path_layers:
+                # the decay is added after the scaling: V = k · w entry by entry, so wd · V decays the effective
+                # weight w by wd as SGD would; added before, it was scaled by k² too and decayed w by wd · k²
+                # (k reaches 1e7 on densenet121's converted dense layers: the first step threw them off)
                 g = layer.V.grad
                 if g is not None:
-                    if self.path_decay:
-                        g.add_(layer.V, alpha=self.path_decay)
                     k = torch.where(self.sources[id(layer)], layer.V.abs(), layer.step_scale())
                     g.mul_(k).mul_(k)  # in two products: k² alone underflows float32 where k is 1e-20
+                    if self.path_decay:
+                        g.add_(layer.V, alpha=self.path_decay)
                 b = layer.bias
                 if b is not None and b.grad is not None:  # the bias too steps in the network's units
+                    b.grad.mul_(layer.out_scale).mul_(layer.out_scale)
                     if self.path_decay:
                         b.grad.add_(b, alpha=self.path_decay)
-                    b.grad.mul_(layer.out_scale).mul_(layer.out_scale)
         loss = super().step(closure)
         if self.hook is not None:
             self.hook.step()

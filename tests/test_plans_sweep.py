@@ -54,13 +54,7 @@ def test_zoo_plans_stay_finite(name, mode):
     assert stays_finite(name, mode)
 
 
-# densenet121's converted path form: its basis-scaled step moves the effective weights of the dense
-# layers' 1×1 convolutions by ~3e7 times their norm in the first step (loss 7.0 → 18 → 2428 → NaN)
-UNSTABLE = pytest.mark.xfail(strict=True, reason="densenet121 path plan diverges where SGD + BN does not")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name, mode", [pytest.param(n, m, marks=UNSTABLE) if (n, m) == ("densenet121", "path")
-                                        else (n, m) for n in TORCHVISION for m in ("balance", "path")])
+@pytest.mark.parametrize("name, mode", [(n, m) for n in TORCHVISION for m in ("balance", "path")])
 def test_torchvision_plans_stay_finite(name, mode):
     assert stays_finite(name, mode) or not stays_finite(name, "sgd")
