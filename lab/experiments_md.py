@@ -99,7 +99,8 @@ def training(report, links) -> str:
     out = [
         "## 1. Training methods on digits and MNIST-1D (pbn §5.1, enorm §6)",
         "",
-        "Data: " + data_text(report) + f" No augmentation. {epochs_text(report)} per run" + (f", at most {cfg.max_steps} steps" if cfg.max_steps else "")
+        "Data: " + data_text(report) + f" No augmentation. {epochs_text(report)} per run"
+        + (f", at most {cfg.max_steps} steps" if cfg.max_steps else "")
         + f"; seeds {seeds(cfg)} (a seed fixes the initialisation and the data order). "
         + ("The learning rate of each method is chosen from its plan's grid (the papers' own) on a validation "
            "split: 20 % of the training data held out, stratified, the other 80 % trained on with the first seed "

@@ -26,7 +26,6 @@ reads it has run, so a pipeline over a large model holds one set of weights at a
 from __future__ import annotations
 
 import copy as copy_module
-import gc
 import inspect
 import time
 from dataclasses import dataclass, field, fields
@@ -179,18 +178,6 @@ class Pipeline:
         if copy and self.writes:
             state = initial_state(copy_module.deepcopy(gm_or_model), example_inputs)
         del gm_or_model
-        # The passes build many short-lived objects (graphs, nodes, tensor metadata) among the model's
-        # long-lived ones; the cyclic collector, set off by those allocations, would re-scan the lot
-        # every few thousand of them (a third of find_groups on densenet121). It resumes afterwards.
-        collect = gc.isenabled()
-        gc.disable()
-        try:
-            return self._run(state, options)
-        finally:
-            if collect:
-                gc.enable()
-
-    def _run(self, state: PipelineState, options: dict) -> PipelineResult:
         for i, p in enumerate(self.passes):
             start = time.perf_counter()
             out = p.fn(state, **{k: v for k, v in options.items() if k in p.options})
@@ -361,8 +348,8 @@ PASSES: dict[str, Pass] = {p.name: p for p in [
     Pass("fold_bn", _fold_bn, ("gm",), ("gm", "fold_report", "traced"), "fold eval-mode BatchNorms"),
     Pass("groups", _groups, ("gm", "shapes"), ("groups",), "rescaling-group discovery"),
     Pass("enorm", _enorm, ("gm", "groups"), ("gm", "enorm_report"), "Equi-normalization in place", writes=True),
-    Pass("final_bn", _final_bn, ("gm", "groups"), ("gm", "final_bn", "restored_bns"), "one BatchNorm after the classifier (ENorm §6.2–6.3)",
-         writes=True),
+    Pass("final_bn", _final_bn, ("gm", "groups"), ("gm", "final_bn", "restored_bns"),
+         "one BatchNorm after the classifier (ENorm §6.2–6.3), and theirs to layers behind barriers", writes=True),
     Pass("reparam", _reparam, ("traced", "groups", "fold_report"), ("gm", "reparam_report", "traced"),
          "path reparameterization of the unfolded trace (PathLayers, BatchNorms re-set)", writes=True),
     Pass("pbn", _pbn, ("gm", "reparam_report", "fold_report"), ("gm", "reparam_report", "pbn_layers"),

@@ -15,6 +15,11 @@ def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
 
 
+def batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    """Every BatchNorm of the model by name, subclasses (a P-BN's, timm's) included."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
 def cast_floating(args, dtype: torch.dtype) -> tuple:
     """The arguments with every floating tensor cast to ``dtype``, everything else as given."""
     return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)

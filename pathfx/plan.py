@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from passes.errors import PathfxError
 from passes.groupset import RescalingGroups
+from passes.modules import batchnorms, cast_floating, model_dtype
 
 from .nn import PathLayer
 from .optim import PlanSGD, unwrap
@@ -198,16 +199,15 @@ def measure_bn(model: nn.Module, data) -> int:
     ``data`` — a tensor, or an iterable of tensors or (inputs, labels) pairs — the way
     ``torch.optim.swa_utils.update_bn`` does, with the inputs cast to the model's dtype. Returns the number
     of inputs seen (0 when the model has no BatchNorm); leaves ``model`` in eval mode."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batchnorms(model):
         return 0
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    seen = []
+    dtype, seen = model_dtype(model), []
 
     def batches():
         for b in ([data] if torch.is_tensor(data) else data):
             x = b[0] if isinstance(b, (tuple, list)) else b
             seen.append(len(x))
-            yield x.to(dtype) if x.is_floating_point() else x
+            yield cast_floating((x,), dtype)[0]
 
     torch.optim.swa_utils.update_bn(batches(), model)
     model.eval()

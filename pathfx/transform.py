@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 from passes.errors import InputError, VerificationError
 from passes.groupset import RescalingGroups
 from passes.manager import run_pipeline
-from passes.modules import cast_floating, float64_copy, model_dtype
+from passes.modules import batchnorms, cast_floating, float64_copy, model_dtype
 from passes.table import table
 from passes.verify import Verification, reference, verify_reference
 
@@ -143,8 +143,7 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     dtype = model_dtype(model)
     training, names = model.training, [n for n, _ in model.named_parameters()]
     work = float64_copy(model).eval() if copy_model else model.to(torch.float64).eval()
-    bns = {n: int(m.num_batches_tracked) for n, m in work.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    bns = {n: int(m.num_batches_tracked) for n, m in batchnorms(work).items() if m.track_running_stats}
     fresh, trained = [n for n, t in bns.items() if t == 0], any(bns.values())
     measured = measure_bn(work, calibration) if calibration is not None else 0
     args = cast_floating(args, torch.float64)
@@ -178,21 +177,28 @@ def transform(model: nn.Module, example_inputs=None, mode: str = "path", plan: s
     chosen = acts_on(groups, report.reparameterized_groups) if mode == "path" and report is not None else None
     # a converted model's bases are products of its weights: a plan for its path values scales each step by them
     step = "basis-scaled" if mode == "path" and pass_options.get("init", "preserve") == "preserve" else "sgd"
-    notes = []
-    if state.restored_bns:
-        notes.append(f"{len(state.restored_bns)} BatchNorms kept, as the identity in eval mode, after the layers whose "
-                     f"channels no group reaches (behind barriers, e.g. {state.restored_bns[0]}): ENorm cannot act "
-                     "there, and they train with the normalisation they were built with")
-    if measured:
-        notes.append(f"BatchNorm statistics measured on {measured} calibration inputs before the rewrite")
-    elif fresh and mode == "balance" and kind == "enorm":
-        notes.append(f"{len(fresh)} BatchNorms (e.g. {fresh[0]}) never saw data and were folded at mean 0, variance 1: "
-                     "to train from scratch, transform with calibration=<training inputs> (a data-dependent start)")
+    notes = _notes(state.restored_bns, measured, fresh if mode == "balance" and kind == "enorm" else [])
     made = make_plan(kind, mode, gm, groups, tuple(args[0].shape), weight_space, chosen, groups.model_name, step,
                      final_bn=state.final_bn or "", notes=notes)
     return TransformResult(model=gm, groups=groups, plan=made, verification=verification,
                            timings=dict(state.timings), mode=mode, report=report,
                            param_map=_param_map(names, gm, state.pbn_layers or ()))
+
+
+def _notes(restored: list | None, measured: int, fresh: list) -> list[str]:
+    """What the plan tells its user: BatchNorms kept behind barriers, the calibration, or its absence
+    where ``fresh`` BatchNorms (never saw data) were folded."""
+    notes = []
+    if restored:
+        notes.append(f"{len(restored)} BatchNorms kept, as the identity in eval mode, after the layers whose "
+                     f"channels no group reaches (behind barriers, e.g. {restored[0]}): ENorm cannot act "
+                     "there, and they train with the normalisation they were built with")
+    if measured:
+        notes.append(f"BatchNorm statistics measured on {measured} calibration inputs before the rewrite")
+    elif fresh:
+        notes.append(f"{len(fresh)} BatchNorms (e.g. {fresh[0]}) never saw data and were folded at mean 0, variance 1: "
+                     "to train from scratch, transform with calibration=<training inputs> (a data-dependent start)")
+    return notes
 
 
 def _weight_space(mode, groups, report) -> list[dict]:

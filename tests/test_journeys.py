@@ -14,17 +14,10 @@ import torch.nn.functional as F
 import pathfx
 import torchvision  # noqa: E402  (after pathfx, which defines the operator schemas its import needs)
 import zoo
+from util import batches
 from lab.data import digits, mnist1d
 
 STEPS, BATCH = 300, 64
-
-
-def batches(data, steps, batch, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x, y = data.train
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (batch,), generator=g)
-        yield x[idx], y[idx]
 
 
 def train_with(model, plan, data, steps, batch, seed=1) -> float:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import pathfx
 import zoo
+from util import batches
 from lab.data import digits
 from lab.train import search_lr
 from pathfx.nn import PBN, PathLayer
@@ -25,14 +26,6 @@ def small_cnn(seed=0, bn=True, width=8):
                          nn.Conv2d(width, width, 3, padding=1), norm(width), nn.ReLU(),
                          nn.Conv2d(width, width, 3, padding=1), norm(width), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
-
-
-def batches(data, steps, batch=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x, y = data.train
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (batch,), generator=g)
-        yield x[idx], y[idx]
 
 
 def test_paper_init_red_weights_plus_one_bases_one_and_the_off_red_scale():

@@ -41,3 +41,12 @@ def analyse(op, dims, **options):
 
 def free_of_a(groups) -> int:
     return sum(g.width for g in groups.groups if any(p.weight == "a.weight" for p in g.producers))
+
+
+def batches(data, steps, batch=64, seed=1):
+    """``steps`` random training batches of a lab data set, drawn with replacement from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = data.train
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch,), generator=g)
+        yield x[idx], y[idx]

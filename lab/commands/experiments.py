@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
                         "without .md")
     p.add_argument("--models", default=",".join(c.models), help=f"comma-separated (default {','.join(c.models)})")
     p.add_argument("--methods", default=",".join(c.methods), help="comma-separated (default all)")
-    p.add_argument("--seeds", default=",".join(map(str, c.seeds)), help=f"comma-separated (default {','.join(map(str, c.seeds))})")
+    p.add_argument("--seeds", default=",".join(map(str, c.seeds)),
+                   help=f"comma-separated (default {','.join(map(str, c.seeds))})")
     p.add_argument("--epochs", type=int, default=c.epochs, help=f"epochs per run on digits (default {c.epochs})")
     p.add_argument("--epochs-mnist1d", type=int, default=c.epochs_mnist1d,
                    help=f"epochs per run on MNIST-1D (default {c.epochs_mnist1d})")
